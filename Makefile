@@ -1,0 +1,34 @@
+# `make test` and `make demo` bootstrap everything on a fresh machine: they create .venv if it is
+# missing, put a CPU build of torch in it (the local wheel, torch==2.13.0) unless one is already
+# importable, install the project with its dev extras, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stablespike-installed
+TORCH_WHEEL := torch==2.13.0
+
+.PHONY: test demo bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "torch found in $(PYTHON): the venv will see it"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; }
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_WHEEL)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/lyapunov_overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,34 @@
+"""stablespike: diagnose and stabilize the training of deep spiking neural networks.
+
+Public API, re-exported here; the seed documents' names (``LyapunovSNN``, ``RecurrentLyapunovSNN``,
+``create_snn``, ``SpikingVGG``, ``compute_lyap_reg_loss``) keep their meaning.
+"""
+from .dynamics import StateSpec, Stepper, TwinLayout, Unrolled, unroll
+from .lyapunov import (
+    PENALTY_KINDS,
+    FiniteDifferenceResult,
+    LyapunovRegularizer,
+    compute_lyap_reg_loss,
+    finite_difference_lyapunov,
+)
+from .models import (
+    LyapunovSNN,
+    RecurrentLyapunovSNN,
+    RecurrentSpikingMLP,
+    SpikingMLP,
+    SpikingVGG,
+    SpikingVGGBlock,
+    create_snn,
+)
+from .surrogate import FastSigmoid, fast_sigmoid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StateSpec", "Stepper", "TwinLayout", "Unrolled", "unroll",
+    "PENALTY_KINDS", "FiniteDifferenceResult", "LyapunovRegularizer", "compute_lyap_reg_loss",
+    "finite_difference_lyapunov",
+    "LyapunovSNN", "RecurrentLyapunovSNN", "RecurrentSpikingMLP", "SpikingMLP", "SpikingVGG",
+    "SpikingVGGBlock", "create_snn",
+    "FastSigmoid", "fast_sigmoid",
+]

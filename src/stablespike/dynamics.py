@@ -1,0 +1,243 @@
+"""The one time loop: unroll a stepper over a time-first sequence, optionally with a perturbed twin.
+
+A *stepper* is anything with
+
+* ``init_state(batch_size, device, dtype) -> state`` — ``state`` is a tuple of tensors whose
+  first dimension is the batch;
+* ``step(x_t, state) -> (out_t, state)`` — one time step, ``x_t`` of shape ``(B, ...)``;
+
+and optionally
+
+* ``state_spec() -> tuple[StateSpec, ...]`` — what each state tensor is (layer, kind). Without it
+  every tensor is a continuous state of its own layer. The Lyapunov estimators perturb and measure
+  only continuous kinds (membrane, synaptic current), never spikes.
+* ``supports_twins = True`` and ``step(x_t, state, twins=TwinLayout)`` — the stepper receives the
+  nominal input ``x_t`` of batch ``B`` while its state has ``B + K`` rows (the ``K`` twin rows follow
+  the nominal ones). It computes its first layer's input current once for ``B`` rows and copies it
+  to the twins (the seeds' P=2 trick: the first layer's input is identical for both trajectories),
+  and it makes twins share dropout masks and batch-norm statistics with their nominal rows.
+  A stepper without it gets ``x_t`` repeated for the twin rows.
+
+The seed models (:mod:`stablespike.models`) are steppers; so is any small class a user writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_tensor, describe
+
+State = Tuple[torch.Tensor, ...]
+
+CONTINUOUS_KINDS = ("membrane", "synaptic", "continuous")
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What one state tensor is: its ``layer`` index and its ``kind``.
+
+    ``kind`` is ``"membrane"``, ``"synaptic"`` or ``"continuous"`` (perturbed and measured by the
+    Lyapunov estimators) or ``"spike"`` (binary; only compared, to count spike flips).
+    """
+
+    layer: int
+    kind: str
+
+    @property
+    def continuous(self) -> bool:
+        return self.kind in CONTINUOUS_KINDS
+
+
+@runtime_checkable
+class Stepper(Protocol):
+    """The stepper protocol (see the module docstring)."""
+
+    def init_state(self, batch_size: int, device, dtype) -> State: ...
+
+    def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]: ...
+
+
+def state_spec_of(stepper, state: State) -> Tuple[StateSpec, ...]:
+    """The stepper's declared :class:`StateSpec` per state tensor, or one continuous layer each."""
+    spec_fn = getattr(stepper, "state_spec", None)
+    spec = tuple(spec_fn()) if callable(spec_fn) else tuple(
+        StateSpec(i, "continuous") for i in range(len(state))
+    )
+    if len(spec) != len(state):
+        raise ValueError(
+            f"state_spec: expected one StateSpec per state tensor ({len(state)}), got {len(spec)}"
+        )
+    return spec
+
+
+class TwinLayout(NamedTuple):
+    """Row layout of a batch that carries ``K`` twin rows after its ``batch`` nominal rows.
+
+    ``index`` (shape ``(K,)``, long) gives, for each twin row, the nominal row it is a twin of.
+    With ``index = arange(B)`` this is the seeds' P=2 stacking, flattened trajectory-major.
+    """
+
+    batch: int
+    index: torch.Tensor
+
+    @property
+    def twins(self) -> int:
+        return int(self.index.numel())
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, ...) -> (B + K, ...)``: append a copy of each twin's nominal row."""
+        return torch.cat([h, h.index_select(0, self.index)], dim=0)
+
+    def nominal(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B + K, ...) -> (B, ...)``: the nominal rows."""
+        return h[: self.batch]
+
+    def twin(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B + K, ...) -> (K, ...)``: the twin rows."""
+        return h[self.batch:]
+
+    def partner(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B + K, ...) -> (K, ...)``: the nominal row of each twin, aligned with :meth:`twin`."""
+        return h.index_select(0, self.index)
+
+
+def full_twins(batch: int, device=None) -> TwinLayout:
+    """Every nominal row gets one twin (``K = B``)."""
+    return TwinLayout(batch, torch.arange(batch, device=device))
+
+
+def shared_input(h: torch.Tensor, twins: Optional[TwinLayout]) -> torch.Tensor:
+    """Copy a first-layer input current ``(B, ...)`` to the twin rows, ``(B + K, ...)``."""
+    return h if twins is None else twins.expand(h)
+
+
+def shared_dropout(h: torch.Tensor, p: float, training: bool,
+                   twins: Optional[TwinLayout]) -> torch.Tensor:
+    """Dropout whose mask is drawn for the nominal rows and reused by their twins.
+
+    ``h`` has shape ``(B + K, ...)`` (or ``(B, ...)`` without twins).
+    """
+    if not training or p == 0.0:
+        return h
+    if twins is None:
+        return F.dropout(h, p, training=True)
+    keep = torch.empty_like(twins.nominal(h)).bernoulli_(1.0 - p) / (1.0 - p)
+    return h * twins.expand(keep)
+
+
+def shared_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, h: torch.Tensor,
+                      twins: Optional[TwinLayout]) -> torch.Tensor:
+    """Batch norm whose batch statistics come from the nominal rows only, applied to all rows.
+
+    In training mode the running statistics are updated from the nominal rows, exactly as a
+    forward pass without twins would; twins are normalized with the same mean and variance.
+    ``h`` has shape ``(B + K, C, ...)``.
+    """
+    if twins is None or not (bn.training or bn.running_mean is None):
+        return bn(h)
+    nominal = twins.nominal(h)
+    dims = [0] + list(range(2, h.dim()))
+    var, mean = torch.var_mean(nominal, dim=dims, unbiased=False)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        _update_running_stats(bn, mean, var, n=nominal.numel() // nominal.shape[1])
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -mean * scale + (bn.bias if bn.affine else 0.0)
+    shape = (1, -1) + (1,) * (h.dim() - 2)
+    return h * scale.view(shape) + shift.view(shape)
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """The running-statistics update of ``nn.BatchNorm*`` in training mode (unbiased variance)."""
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    bn.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
+
+
+class Unrolled(NamedTuple):
+    """Result of :func:`unroll`.
+
+    ``outputs``: ``(T, B, ...)`` nominal outputs; ``state``: the final state (all rows);
+    ``states``: per-step nominal states (a list of tuples) when ``record_states=True``, else None.
+    """
+
+    outputs: torch.Tensor
+    state: State
+    states: Optional[list]
+
+
+OnStep = Callable[[int, torch.Tensor, State], Optional[State]]
+
+
+def unroll(stepper, x: torch.Tensor, state: Optional[State] = None, *,
+           twins: Optional[TwinLayout] = None, on_step: Optional[OnStep] = None,
+           record_states: bool = False) -> Unrolled:
+    """Run ``stepper`` over the time-first sequence ``x`` of shape ``(T, B, ...)``.
+
+    ``state`` defaults to ``stepper.init_state(B + K, x.device, x.dtype)``. With ``twins`` the
+    state carries ``K`` twin rows after the ``B`` nominal ones (see :class:`TwinLayout`); the
+    caller perturbs them before and, through ``on_step(t, out_t, state) -> state``, after each step
+    (the Lyapunov estimators renormalize there). ``out_t`` given to ``on_step`` has all rows.
+    """
+    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
+    T, B = x.shape[0], x.shape[1]
+    rows = B + (twins.twins if twins is not None else 0)
+    if twins is not None and twins.batch != B:
+        raise ValueError(f"twins: expected a layout for batch {B} (x.shape[1]), got batch {twins.batch}")
+    if state is None:
+        state = tuple(stepper.init_state(rows, x.device, x.dtype))
+    elif any(s.shape[0] != rows for s in state):
+        raise ValueError(
+            f"state: expected tensors with {rows} rows (batch {B} + {rows - B} twins), "
+            f"got {[describe(s) for s in state]}"
+        )
+    shares = twins is not None and getattr(stepper, "supports_twins", False)
+    outputs, states = [], [] if record_states else None
+    for t in range(T):
+        x_t = x[t]
+        if shares:
+            out_t, state = stepper.step(x_t, state, twins=twins)
+        else:
+            out_t, state = stepper.step(x_t if twins is None else twins.expand(x_t), state)
+        state = tuple(state)
+        if on_step is not None:
+            new_state = on_step(t, out_t, state)
+            state = state if new_state is None else tuple(new_state)
+        outputs.append(out_t[:B])
+        if record_states:
+            states.append(tuple(s[:B] for s in state))
+    return Unrolled(torch.stack(outputs), state, states)
+
+
+def batch_first_to_time_first(x: torch.Tensor) -> torch.Tensor:
+    """``(B, T, ...) -> (T, B, ...)`` (a view)."""
+    return x.transpose(0, 1)
+
+
+def select_layers(spec: Sequence[StateSpec], layers: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """Indices of the continuous state tensors that belong to ``layers`` (all layers if None).
+
+    Negative layer indices count from the last layer, as in the seeds' ``lyap_layers=[-1]``.
+    """
+    all_layers = sorted({s.layer for s in spec})
+    if layers is None:
+        chosen = set(all_layers)
+    else:
+        chosen = set()
+        for layer in layers:
+            if not -len(all_layers) <= int(layer) < len(all_layers):
+                raise ValueError(
+                    f"lyap_layers: expected layer indices in [-{len(all_layers)}, "
+                    f"{len(all_layers) - 1}], got {list(layers)!r}"
+                )
+            chosen.add(all_layers[int(layer)])
+    picked = tuple(i for i, s in enumerate(spec) if s.continuous and s.layer in chosen)
+    if not picked:
+        raise ValueError(f"lyap_layers: the layers {layers!r} hold no continuous (membrane) state")
+    return picked

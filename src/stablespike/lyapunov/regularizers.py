@@ -1,0 +1,130 @@
+"""Penalties on a Lyapunov exponent estimate: the ten kinds of seed 002, and a warmup schedule.
+
+Measuring is pure (the estimators); acting is here (a loss term), as ``clip_grad_norm_`` keeps
+measuring apart from changing. ``lam`` below is the exponent estimate (a tensor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.nn.functional import relu
+
+_SIGMOID_TEMPERATURE = 0.5  # seed 002: moderately sharp transition around the threshold
+
+
+def _squared(lam, target, threshold):  # (lam - target)^2: pull toward the target
+    return (lam - target) ** 2
+
+
+def _hinge(lam, target, threshold):  # relu(lam)^2: only chaos (lam > 0) is penalized
+    return relu(lam) ** 2
+
+
+def _asymmetric(lam, target, threshold):  # strong on chaos, weak on collapse below -1
+    return relu(lam) ** 2 + 0.1 * relu(-lam - 1.0) ** 2
+
+
+def _extreme(lam, target, threshold):  # only severe chaos, above the threshold
+    return relu(lam - threshold) ** 2
+
+
+def _adaptive_linear(lam, target, threshold):  # excess^3: gentle near threshold, strong far
+    return relu(lam - threshold) ** 3
+
+
+def _adaptive_exp(lam, target, threshold):  # (exp(excess) - 1) * excess
+    excess = relu(lam - threshold)
+    return torch.expm1(excess) * excess
+
+
+def _adaptive_sigmoid(lam, target, threshold):  # sigmoid gate around threshold x (lam - target)^2
+    gate = torch.sigmoid((lam - threshold) / _SIGMOID_TEMPERATURE)
+    return gate * (lam - target) ** 2
+
+
+def _mult_linear(lam, target, threshold):  # relu(lam) * relu(lam)
+    return relu(lam) ** 2
+
+
+def _mult_squared(lam, target, threshold):  # relu(lam)^2 * relu(lam)
+    return relu(lam) ** 3
+
+
+def _mult_log(lam, target, threshold):  # log(1 + relu(lam)) * relu(lam)
+    pos = relu(lam)
+    return torch.log1p(pos) * pos
+
+
+PENALTIES: Dict[str, Callable] = {
+    "squared": _squared,
+    "hinge": _hinge,
+    "asymmetric": _asymmetric,
+    "extreme": _extreme,
+    "adaptive_linear": _adaptive_linear,
+    "adaptive_exp": _adaptive_exp,
+    "adaptive_sigmoid": _adaptive_sigmoid,
+    "mult_linear": _mult_linear,
+    "mult_squared": _mult_squared,
+    "mult_log": _mult_log,
+}
+PENALTY_KINDS = tuple(PENALTIES)
+
+
+def _check_kind(kind: str) -> Callable:
+    try:
+        return PENALTIES[kind]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"reg_type: expected one of {', '.join(PENALTY_KINDS)}, got {kind!r}"
+        ) from None
+
+
+def compute_lyap_reg_loss(lyap_est: torch.Tensor, reg_type: str, lambda_target: float,
+                          lyap_threshold: float = 2.0) -> torch.Tensor:
+    """Seed 002's penalty on an exponent estimate (scalar or any shape; elementwise).
+
+    ``lambda_target`` is used by ``squared`` and ``adaptive_sigmoid``; ``lyap_threshold`` by
+    ``extreme``, ``adaptive_*``. An unknown ``reg_type`` raises ValueError listing the valid ones.
+    """
+    penalty = _check_kind(reg_type)
+    if not isinstance(lyap_est, torch.Tensor):
+        lyap_est = torch.as_tensor(float(lyap_est))
+    return penalty(lyap_est, float(lambda_target), float(lyap_threshold))
+
+
+@dataclass
+class LyapunovRegularizer:
+    """``weight * penalty(lambda)`` with a linear warmup of the weight over the first epochs.
+
+    Epochs count from 1, as in seed 002: with ``warmup_epochs=W`` the weight is
+    ``weight * epoch / W`` for ``epoch <= W`` and ``weight`` afterwards.
+    """
+
+    weight: float = 0.3
+    kind: str = "squared"
+    target: float = -0.1
+    threshold: float = 2.0
+    warmup_epochs: int = 0
+
+    def __post_init__(self):
+        _check_kind(self.kind)
+        if not self.weight >= 0:
+            raise ValueError(f"weight: expected a non-negative number, got {self.weight!r}")
+        if int(self.warmup_epochs) != self.warmup_epochs or self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs: expected an integer >= 0, got {self.warmup_epochs!r}")
+
+    def weight_at(self, epoch: Optional[int] = None) -> float:
+        """The effective weight at 1-based ``epoch`` (the full weight when ``epoch`` is None)."""
+        if epoch is None or self.warmup_epochs == 0 or epoch > self.warmup_epochs:
+            return self.weight
+        if epoch < 1:
+            raise ValueError(f"epoch: expected an epoch number >= 1, got {epoch!r}")
+        return self.weight * epoch / self.warmup_epochs
+
+    def __call__(self, lyap_est: torch.Tensor, epoch: Optional[int] = None) -> torch.Tensor:
+        """The loss term ``weight_at(epoch) * penalty(lyap_est)``."""
+        return self.weight_at(epoch) * compute_lyap_reg_loss(
+            lyap_est, self.kind, self.target, self.threshold
+        )

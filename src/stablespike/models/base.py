@@ -1,0 +1,119 @@
+"""What the seed models share: building snnTorch neurons, and the seed-style ``forward``.
+
+Every model is a stepper (:mod:`stablespike.dynamics`); its ``forward`` only prepares the input,
+calls the one time loop (plain, or with the finite-difference estimator), and reads out.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import snntorch as snn
+import torch
+from torch import nn
+
+from .._checks import check_size, check_tensor
+from ..dynamics import batch_first_to_time_first, state_spec_of, unroll
+from ..lyapunov.finite_difference import finite_difference_lyapunov
+from ..surrogate import fast_sigmoid
+
+
+def untracked(neuron: nn.Module) -> nn.Module:
+    """Remove ``neuron`` from snnTorch's global ``SpikingNeuron.instances`` list.
+
+    snnTorch appends every neuron ever built to that list, which then grows without bound
+    (REFERENCES.md section 2); our models pass state explicitly and never need it.
+    """
+    instances = snn.SpikingNeuron.instances
+    for i in range(len(instances) - 1, -1, -1):
+        if instances[i] is neuron:
+            del instances[i]
+    return neuron
+
+
+def leaky(beta: float, threshold: float, spike_grad) -> nn.Module:
+    """An snnTorch ``Leaky`` neuron with subtractive reset and explicit state, as the seeds use."""
+    return untracked(snn.Leaky(beta=beta, threshold=threshold,
+                               spike_grad=spike_grad or fast_sigmoid(25),
+                               init_hidden=False, reset_mechanism="subtract"))
+
+
+def check_dims(hidden_dims, name: str = "hidden_dims") -> List[int]:
+    """A non-empty list of positive layer widths."""
+    try:
+        dims = [int(d) for d in hidden_dims]
+        ok = len(dims) > 0 and all(d > 0 and d == h for d, h in zip(dims, hidden_dims))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected a non-empty list of positive layer widths, got {hidden_dims!r}")
+    return dims
+
+
+class SeedModel(nn.Module):
+    """Base of the seed models: a stepper whose ``forward`` is the seeds' ``forward``."""
+
+    supports_twins = True
+
+    def _run(self, x_tf: torch.Tensor, compute_lyapunov: bool, lyap_eps: float,
+             lyap_layers: Optional[Sequence[int]], record_states: bool,
+             lyap_options: Optional[dict]):
+        """Unroll over ``x_tf`` ``(T, B, ...)``: ``(outputs (T, B, ...), lyap_est or None, states)``."""
+        if compute_lyapunov:
+            res = finite_difference_lyapunov(self, x_tf, eps=lyap_eps, layers=lyap_layers,
+                                             record_states=record_states, **(lyap_options or {}))
+            return res.outputs, res.exponent, res.states
+        run = unroll(self, x_tf, record_states=record_states)
+        return run.outputs, None, run.states
+
+    def recordings(self, states: Optional[list]) -> Optional[Dict[str, object]]:
+        """Stack per-step nominal states into the seeds' recordings, batch-first.
+
+        ``spikes`` / ``membrane``: last layer ``(B, T, ...)`` (as seed 001);
+        ``layer_spikes`` / ``layer_membranes``: one ``(B, T, ...)`` tensor per layer.
+        """
+        if states is None:
+            return None
+        spec = state_spec_of(self, states[0])
+        stacked = [torch.stack([s[i] for s in states], dim=1).detach() for i in range(len(spec))]
+        spikes = [x for x, s in zip(stacked, spec) if s.kind == "spike"]
+        mems = [x for x, s in zip(stacked, spec) if s.kind == "membrane"]
+        return {"spikes": spikes[-1], "membrane": mems[-1],
+                "layer_spikes": spikes, "layer_membranes": mems}
+
+
+def zeros_state(shapes: Sequence[Tuple[int, ...]], batch_size: int, device, dtype):
+    """A tuple of zero tensors ``(batch_size, *shape)``, one per shape."""
+    return tuple(torch.zeros(batch_size, *s, device=device, dtype=dtype) for s in shapes)
+
+
+class SequenceModel(SeedModel):
+    """A seed model over sequences ``(B, T, D)``: time-summed last-layer spikes -> ``readout``.
+
+    Subclasses set ``input_dim`` and ``readout`` and implement the stepper protocol.
+    """
+
+    def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,
+                lyap_layers: Optional[Sequence[int]] = None, record_states: bool = False, *,
+                time_first: bool = False, lyap_renorm: str = "global", lyap_fraction: float = 1.0,
+                lyap_dtype: Optional[torch.dtype] = None):
+        """Classify a sequence.
+
+        Args:
+            x: ``(B, T, D)`` batch-first as seed 001, or ``(T, B, D)`` with ``time_first=True``.
+            compute_lyapunov, lyap_eps, lyap_layers: the seed's finite-difference estimate
+                (see :func:`stablespike.lyapunov.finite_difference_lyapunov`, which also documents
+                ``lyap_renorm`` (``renorm``), ``lyap_fraction`` and ``lyap_dtype`` (``twin_dtype``)).
+            record_states: also return spikes and membranes.
+
+        Returns:
+            ``(logits (B, C), lyap_est scalar or None, recordings dict or None)``; recordings hold
+            ``spikes`` and ``membrane`` of the last layer ``(B, T, H)`` and per-layer lists.
+        """
+        layout = "(T, B, D)" if time_first else "(B, T, D)"
+        check_tensor(x, "x", ndims=(3,), layout=layout)
+        check_size(x, "x", 2, self.input_dim, "input_dim", layout)
+        x_tf = x if time_first else batch_first_to_time_first(x)
+        outputs, lyap, states = self._run(
+            x_tf, compute_lyapunov, lyap_eps, lyap_layers, record_states,
+            {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype})
+        return self.readout(outputs.sum(dim=0)), lyap, self.recordings(states)

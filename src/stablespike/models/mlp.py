@@ -1,0 +1,72 @@
+"""Spiking MLP (seed 001 ``LyapunovSNN``): Linear -> snnTorch Leaky layers -> time-summed spikes -> readout."""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+from ..dynamics import StateSpec, TwinLayout, shared_dropout, shared_input
+from .base import SequenceModel, check_dims, leaky, zeros_state
+
+
+class SpikingMLP(SequenceModel):
+    """Multi-layer LIF network (subtractive reset), a stepper and a seed-compatible classifier.
+
+    Args:
+        input_dim: features per time step ``D``.
+        hidden_dims: widths of the LIF layers, e.g. ``[256, 256]``.
+        num_classes: readout size.
+        beta: membrane decay; threshold: firing threshold.
+        spike_grad: surrogate (default: fast sigmoid, slope 25, as the seeds).
+        dropout: dropout on each layer's spikes during training (masks shared by Lyapunov twins).
+
+    State: ``(mem_0, ..., mem_{L-1}, spk_0, ..., spk_{L-1})``, each ``(B, H_l)``.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: List[int], num_classes: int,
+                 beta: float = 0.9, threshold: float = 1.0, spike_grad: Optional[Any] = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.hidden_dims = check_dims(hidden_dims)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
+        self.num_layers = len(self.hidden_dims)
+        self.beta, self.threshold, self.dropout_p = beta, threshold, float(dropout)
+        dims = [self.input_dim] + self.hidden_dims
+        self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.num_layers))
+        self.lifs = nn.ModuleList(leaky(beta, threshold, spike_grad) for _ in range(self.num_layers))
+        self.readout = nn.Linear(self.hidden_dims[-1], num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for lin in list(self.linears) + [self.readout]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # --- stepper protocol -------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        return zeros_state([(h,) for h in self.hidden_dims] * 2, batch_size, device, dtype)
+
+    def state_spec(self):
+        L = self.num_layers
+        return tuple(StateSpec(i, "membrane") for i in range(L)) + tuple(
+            StateSpec(i, "spike") for i in range(L))
+
+    def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
+        """One step: ``x_t (B, D)``, state rows ``B (+K twins)`` -> ``(spikes (B+K, H_last), state)``."""
+        L = self.num_layers
+        h = shared_input(self.linears[0](x_t), twins)
+        mems, spikes = [], []
+        for i in range(L):
+            if i > 0:
+                h = self.linears[i](h)
+            spk, mem = self.lifs[i](h, state[i])
+            h = shared_dropout(spk, self.dropout_p, self.training, twins)
+            mems.append(mem)
+            spikes.append(spk)
+        return h, tuple(mems) + tuple(spikes)
+
+
+LyapunovSNN = SpikingMLP

@@ -1,0 +1,72 @@
+"""Recurrent spiking MLP (seed 001 ``RecurrentLyapunovSNN``): Linear -> snnTorch RSynaptic layers."""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import snntorch as snn
+import torch
+from torch import nn
+
+from ..dynamics import StateSpec, TwinLayout, shared_input
+from ..surrogate import fast_sigmoid
+from .base import SequenceModel, check_dims, untracked, zeros_state
+
+_KINDS = ("spike", "synaptic", "membrane")
+
+
+class RecurrentSpikingMLP(SequenceModel):
+    """Layers of recurrent synaptic LIF neurons (all-to-all recurrent weights, subtractive reset).
+
+    Args: as :class:`~stablespike.models.SpikingMLP`, with ``alpha`` the synaptic current decay and
+    ``beta`` the membrane decay (seed defaults 0.9 and 0.85).
+
+    State: per layer ``(spk_l, syn_l, mem_l)``, each ``(B, H_l)``; the Lyapunov twins perturb and
+    measure synaptic currents and membranes (as the seed), never spikes.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: List[int], num_classes: int,
+                 alpha: float = 0.9, beta: float = 0.85, threshold: float = 1.0,
+                 spike_grad: Optional[Any] = None):
+        super().__init__()
+        self.hidden_dims = check_dims(hidden_dims)
+        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
+        self.num_layers = len(self.hidden_dims)
+        self.alpha, self.beta, self.threshold = alpha, beta, threshold
+        spike_grad = spike_grad or fast_sigmoid(25)
+        dims = [self.input_dim] + self.hidden_dims
+        self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.num_layers))
+        self.neurons = nn.ModuleList(
+            untracked(snn.RSynaptic(alpha=alpha, beta=beta, threshold=threshold,
+                                    spike_grad=spike_grad, init_hidden=False,
+                                    reset_mechanism="subtract", all_to_all=True,
+                                    linear_features=dims[i + 1]))
+            for i in range(self.num_layers))
+        self.readout = nn.Linear(self.hidden_dims[-1], num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for lin in list(self.linears) + [self.readout]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # --- stepper protocol -------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        return zeros_state([(h,) for h in self.hidden_dims for _ in _KINDS], batch_size, device, dtype)
+
+    def state_spec(self):
+        return tuple(StateSpec(i, kind) for i in range(self.num_layers) for kind in _KINDS)
+
+    def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
+        """One step: ``x_t (B, D)`` -> ``(spikes (B+K, H_last), state)``."""
+        h = shared_input(self.linears[0](x_t), twins)
+        new_state = []
+        for i in range(self.num_layers):
+            if i > 0:
+                h = self.linears[i](h)
+            spk, syn, mem = self.neurons[i](h, *state[3 * i: 3 * i + 3])
+            new_state += [spk, syn, mem]
+            h = spk
+        return h, tuple(new_state)
+
+
+RecurrentLyapunovSNN = RecurrentSpikingMLP

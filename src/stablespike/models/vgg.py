@@ -1,0 +1,175 @@
+"""Scalable spiking VGG (seed 002): stages of conv-BN-LIF blocks with average pooling, then a readout.
+
+Unlike the seed, every shape follows from ``in_channels`` and ``input_size``: no 32x32 or 64-channel
+assumption. A stage whose input is already 1 pixel wide skips its pooling, so 8x8 inputs work with
+4 stages.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._checks import check_tensor, describe
+from ..dynamics import StateSpec, TwinLayout, shared_batch_norm, shared_input
+from ..surrogate import fast_sigmoid
+from .base import SeedModel, leaky, zeros_state
+
+CHANNEL_CAP = 512
+
+
+class SpikingVGGBlock(nn.Module):
+    """Conv3x3 (no bias) -> BatchNorm -> LIF. ``forward(x, mem) -> (spk, mem)``, ``(B, C, H, W)``."""
+
+    def __init__(self, in_ch: int, out_ch: int, beta: float = 0.9, threshold: float = 1.0,
+                 spike_grad=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.lif = leaky(beta, threshold, spike_grad)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor):
+        return self.lif(self.bn(self.conv(x)), mem)
+
+    def current(self, x: torch.Tensor, twins: Optional[TwinLayout], first: bool) -> torch.Tensor:
+        """Input current ``(B+K, C, H, W)``; twins share batch statistics with their nominal rows.
+
+        The first block's input is the same for both trajectories: it is computed for ``B`` rows
+        only and copied to the twins.
+        """
+        if first:
+            return shared_input(self.bn(self.conv(x)), twins)
+        return shared_batch_norm(self.bn, self.conv(x), twins)
+
+
+class SpikingVGG(SeedModel):
+    """VGG-style spiking network of ``num_stages x blocks_per_stage`` conv-BN-LIF blocks.
+
+    Args (seed 002 names and defaults): in_channels, num_classes, base_channels (doubled each
+    stage, capped at 512), num_stages, blocks_per_stage, T (time steps for a static image), beta,
+    threshold, dropout (before the readout), stable_init (orthogonal/scaled-down weights);
+    plus ``input_size`` (int or (H, W)) and ``spike_grad``.
+
+    State: per block ``mem_l`` then per block ``spk_l``, each ``(B, C_l, H_l, W_l)``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, base_channels: int = 64,
+                 num_stages: int = 3, blocks_per_stage: int = 2, T: int = 4, beta: float = 0.9,
+                 threshold: float = 1.0, dropout: float = 0.25, stable_init: bool = False,
+                 input_size: Union[int, Tuple[int, int]] = 32, spike_grad=None):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("num_classes", num_classes),
+                        ("base_channels", base_channels), ("num_stages", num_stages),
+                        ("blocks_per_stage", blocks_per_stage), ("T", T)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        self.in_channels, self.T = in_channels, T
+        self.num_stages, self.blocks_per_stage = num_stages, blocks_per_stage
+        self.total_conv_layers = num_stages * blocks_per_stage
+        self.stable_init = stable_init
+        self.input_size = _pair(input_size)
+        spike_grad = spike_grad or fast_sigmoid(25)
+
+        self.stages, self.pools, self._block_shapes = nn.ModuleList(), nn.ModuleList(), []
+        ch_in, ch_out, (h, w) = in_channels, base_channels, self.input_size
+        for _ in range(num_stages):
+            blocks = nn.ModuleList()
+            for b in range(blocks_per_stage):
+                blocks.append(SpikingVGGBlock(ch_in if b == 0 else ch_out, ch_out, beta, threshold, spike_grad))
+                self._block_shapes.append((ch_out, h, w))
+            self.stages.append(blocks)
+            can_pool = h >= 2 and w >= 2
+            self.pools.append(nn.AvgPool2d(2) if can_pool else nn.Identity())
+            h, w = (h // 2, w // 2) if can_pool else (h, w)
+            ch_in, ch_out = ch_out, min(ch_out * 2, CHANNEL_CAP)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(ch_in * h * w, num_classes)
+        self._init_weights_stable() if stable_init else self._init_weights()
+
+    @classmethod
+    def for_input(cls, shape: Sequence[int], **kwargs) -> "SpikingVGG":
+        """Build for images of shape ``(C, H, W)`` (channels and size taken from it)."""
+        c, h, w = shape
+        return cls(in_channels=c, input_size=(h, w), **kwargs)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _init_weights_stable(self, scale: float = 0.5) -> None:
+        """Seed 002's stability-aware init: Kaiming x 0.5 for convs, orthogonal (gain 0.5) for linears."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                with torch.no_grad():
+                    m.weight.mul_(scale)
+            elif isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight, gain=scale)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def depth(self) -> int:
+        return self.total_conv_layers
+
+    # --- stepper protocol -------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        return zeros_state(self._block_shapes * 2, batch_size, device, dtype)
+
+    def state_spec(self):
+        n = self.total_conv_layers
+        return tuple(StateSpec(i, "membrane") for i in range(n)) + tuple(
+            StateSpec(i, "spike") for i in range(n))
+
+    def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
+        """One step: image ``x_t (B, C, H, W)`` -> ``(pooled spikes flattened (B+K, F), state)``."""
+        h, k = x_t, 0
+        mems, spikes = [], []
+        for blocks, pool in zip(self.stages, self.pools):
+            for block in blocks:
+                spk, mem = block.lif(block.current(h, twins, first=k == 0), state[k])
+                mems.append(mem)
+                spikes.append(spk)
+                h, k = spk, k + 1
+            h = pool(h)
+        return h.flatten(1), tuple(mems) + tuple(spikes)
+
+    # --- seed API ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,
+                lyap_layers: Optional[Sequence[int]] = None, record_states: bool = False, *,
+                lyap_renorm: str = "global", lyap_fraction: float = 1.0,
+                lyap_dtype: Optional[torch.dtype] = None):
+        """Classify images.
+
+        Args:
+            x: ``(B, C, H, W)`` static images, presented for ``self.T`` steps (seed 002), or a
+                time-first sequence ``(T, B, C, H, W)``.
+            Other arguments as :meth:`stablespike.models.SpikingMLP.forward`.
+
+        Returns:
+            ``(logits (B, num_classes), lyap_est or None, recordings or None)``.
+        """
+        check_tensor(x, "x", ndims=(4, 5), layout="(B, C, H, W) or (T, B, C, H, W)")
+        expected = (self.in_channels, *self.input_size)
+        if tuple(x.shape[-3:]) != expected:
+            raise ValueError(
+                f"x: expected images of shape (C, H, W) = {expected} (in_channels, input_size), "
+                f"got {describe(x)}; build the model with SpikingVGG.for_input(x.shape[-3:])"
+            )
+        x_tf = x.unsqueeze(0).expand(self.T, *x.shape) if x.dim() == 4 else x
+        outputs, lyap, states = self._run(
+            x_tf, compute_lyapunov, lyap_eps, lyap_layers, record_states,
+            {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype})
+        logits = self.fc(self.dropout(outputs.sum(dim=0)))
+        return logits, lyap, self.recordings(states)
+
+
+def _pair(size) -> Tuple[int, int]:
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size: expected a positive int or (H, W), got {size!r}")
+    return int(h), int(w)

@@ -1,0 +1,58 @@
+"""Surrogate spike functions, injected into neurons as objects (``spike_grad=fast_sigmoid()``).
+
+snnTorch's own surrogates cast the spike to float32 (``(x > 0).float()``), which breaks a float64
+twin trajectory, and they define no forward-mode derivative. These keep the input's dtype, and
+define ``backward`` and ``jvp`` with the same surrogate derivative, so that gradients (reverse
+mode) and tangent dynamics (forward mode) see the same Jacobian.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _FastSigmoidSpike(torch.autograd.Function):
+    """Heaviside forward, derivative ``1 / (1 + slope |u|)^2`` (SuperSpike) in both AD modes."""
+
+    @staticmethod
+    def forward(u: torch.Tensor, slope: float) -> torch.Tensor:
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, slope = inputs
+        ctx.save_for_backward(u)
+        ctx.slope = slope
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (u,) = ctx.saved_tensors
+        return grad_out / (ctx.slope * u.abs() + 1.0) ** 2, None
+
+    @staticmethod
+    def jvp(ctx, u_tangent: torch.Tensor, _slope_tangent):
+        (u,) = ctx.saved_tensors
+        return u_tangent / (ctx.slope * u.abs() + 1.0) ** 2
+
+
+class FastSigmoid:
+    """Callable surrogate: ``spk = FastSigmoid(slope)(mem - threshold)``, shape and dtype preserved."""
+
+    def __init__(self, slope: float = 25.0):
+        if not slope > 0:
+            raise ValueError(f"slope: expected a positive number, got {slope!r}")
+        self.slope = float(slope)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return _FastSigmoidSpike.apply(u, self.slope)
+
+    def derivative(self, u: torch.Tensor) -> torch.Tensor:
+        """The surrogate derivative d spk / d u at ``u`` (same shape as ``u``)."""
+        return 1.0 / (self.slope * u.abs() + 1.0) ** 2
+
+    def __repr__(self) -> str:
+        return f"FastSigmoid(slope={self.slope:g})"
+
+
+def fast_sigmoid(slope: float = 25.0) -> FastSigmoid:
+    """The seeds' default surrogate (``snntorch.surrogate.fast_sigmoid(slope=25)``), dtype-preserving."""
+    return FastSigmoid(slope)
