@@ -43,7 +43,8 @@ class FiniteDifferenceResult:
     ``exponent``: scalar tensor, mean of ``per_sample``; differentiable (a loss term).
     ``per_sample``: ``(K,)`` time-averaged log-growth per estimated sample, in nats per step.
     ``sample_index``: ``(K,)`` the batch rows that were estimated (all rows unless ``fraction < 1``).
-    ``flip_fraction``: fraction of (time step, sample) pairs in which any spike differed between twins.
+    ``flip_fraction``: fraction of (time step, sample) pairs in which any spike differed between
+    twins (NaN for a stepper whose ``state_spec`` declares no spike state).
     ``outputs``: ``(T, B, ...)`` outputs of the nominal trajectory (the model's ordinary forward).
     """
 
@@ -63,10 +64,12 @@ class FiniteDifferenceResult:
 
     def __str__(self) -> str:
         spread = float(self.per_sample.detach().std()) if self.per_sample.numel() > 1 else 0.0
+        flips = "" if math.isnan(self.flip_fraction) else (
+            f", spike flips in {self.flip_fraction:.1%} of steps")
         return (
             f"finite-size Lyapunov exponent {float(self):+.4f} /step "
             f"(+- {spread:.4f} over {self.per_sample.numel()} samples, eps={self.eps:g}, "
-            f"{self.renorm} renorm, {self.steps} steps, spike flips in {self.flip_fraction:.1%} of steps)"
+            f"{self.renorm} renorm, {self.steps} steps{flips})"
         )
 
 
@@ -126,7 +129,7 @@ def finite_difference_lyapunov(
     outputs = run.outputs.to(x.dtype)
     return FiniteDifferenceResult(
         exponent=per_sample.mean(), per_sample=per_sample, sample_index=twins.index,
-        flip_fraction=int(tracker.flips) / max(1, T * twins.twins), eps=eps, renorm=renorm,
+        flip_fraction=tracker.flip_fraction(T), eps=eps, renorm=renorm,
         steps=T - discard, outputs=outputs, state=run.state, states=run.states,
     )
 
@@ -195,19 +198,23 @@ class _Tracker:
         growth = torch.log(_norm(sq) / self.eps)  # (K,)
         if t >= self.discard:
             self.log_growth = growth if self.log_growth is None else self.log_growth + growth
-        self._count_flips(out_t, state)
+        if self.spikes:
+            self._count_flips(state)
         return self._set_twins(state, diffs)
 
     @torch.no_grad()
-    def _count_flips(self, out_t: torch.Tensor, state: State) -> None:
+    def _count_flips(self, state: State) -> None:
         tw = self.twins
-        pairs = [(tw.twin(state[i]), tw.partner(state[i])) for i in self.spikes] or [
-            (tw.twin(out_t), tw.partner(out_t))
-        ]
-        flipped = torch.zeros(tw.twins, dtype=torch.bool, device=out_t.device)
-        for a, b in pairs:
-            flipped |= (a != b).flatten(1).any(dim=1)
+        flipped = torch.zeros(tw.twins, dtype=torch.bool, device=tw.index.device)
+        for i in self.spikes:
+            flipped |= (tw.twin(state[i]) != tw.partner(state[i])).flatten(1).any(dim=1)
         self.flips += flipped.sum()
+
+    def flip_fraction(self, steps: int) -> float:
+        """Flipped (step, sample) pairs over all pairs; NaN when the stepper declares no spikes."""
+        if not self.spikes:
+            return float("nan")
+        return int(self.flips) / (steps * self.twins.twins)
 
     def warn_if_collapsed(self) -> None:
         if bool(self.collapsed):

@@ -1,0 +1,212 @@
+"""The finite-difference estimator against exponents known from mathematics (REFERENCES.md section 1)."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from stablespike import RecurrentSpikingMLP, SpikingMLP, finite_difference_lyapunov
+from stablespike.dynamics import TwinLayout, unroll
+
+from steppers import LinearMap, LogisticMap, PerSampleScale, rotation
+
+
+def seq(T, B, D=1, scale=1.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.rand(T, B, D, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.5])
+@pytest.mark.parametrize("weight_scale", [0.1, 1.0, 30.0])
+def test_lif_below_threshold_gives_ln_beta_for_any_weights(beta, weight_scale):
+    torch.manual_seed(1)
+    model = SpikingMLP(12, [40, 30], 3, beta=beta, threshold=1e9)  # never fires
+    with torch.no_grad():
+        for lin in model.linears:
+            lin.weight.mul_(weight_scale)
+    res = finite_difference_lyapunov(model, seq(30, 6, 12, scale=2.0), eps=1e-2)
+    assert abs(float(res) - math.log(beta)) < 0.01
+    assert torch.allclose(res.per_sample, torch.full((6,), math.log(beta)), atol=0.01)
+    assert res.flip_fraction == 0.0
+
+
+def test_recurrent_synaptic_below_threshold_gives_ln_of_largest_decay():
+    # syn' = a syn + I, mem' = b mem + syn': Jacobian [[a, 0], [a, b]], exponents ln a, ln b.
+    torch.manual_seed(2)
+    model = RecurrentSpikingMLP(5, [20], 2, alpha=0.9, beta=0.6, threshold=1e9)
+    res = finite_difference_lyapunov(model, seq(300, 4, 5), eps=1e-2, discard=50,
+                                     twin_dtype=torch.float64)
+    assert abs(float(res) - math.log(0.9)) < 0.01
+
+
+def test_logistic_map_gives_ln2():
+    res = finite_difference_lyapunov(LogisticMap(), seq(4000, 64, dtype=torch.float64), eps=1e-9)
+    assert abs(float(res) - math.log(2.0)) < 2e-3
+    assert math.isnan(res.flip_fraction)  # no spike state declared: flips are not defined
+    assert "flips" not in str(res) and "+0.69" in str(res)
+
+
+@pytest.mark.parametrize("A, expected", [
+    ([[1.1, 0.0], [0.0, 0.8]], math.log(1.1)),
+    (rotation(0.7, 0.9), math.log(0.9)),
+    ([[0.5, 4.0], [0.0, 0.3]], math.log(0.5)),  # non-normal: transient growth, then ln 0.5
+])
+def test_linear_maps_give_ln_of_largest_eigenvalue_modulus(A, expected):
+    # a linear map's growth does not depend on eps; T is kept where 1.1^T stays well resolved
+    res = finite_difference_lyapunov(LinearMap(A), seq(200, 8, dtype=torch.float64),
+                                     eps=1e-2, discard=50)
+    assert abs(float(res) - expected) < 0.05 * abs(expected) + 1e-3
+
+
+def test_per_sample_renormalization_differs_from_whole_batch_renormalization():
+    # Sample 0 is unstable (x2 per step), the others contract (x0.5): exact exponents per sample.
+    scales = [2.0, 0.5, 0.5, 0.5]
+    ids = torch.arange(4, dtype=torch.float64).view(1, 4, 1).expand(20, 4, 1)
+    res = finite_difference_lyapunov(PerSampleScale(scales), ids, eps=1e-2)
+    exact = torch.log(torch.tensor(scales, dtype=torch.float64))
+    assert torch.allclose(res.per_sample, exact, atol=1e-9)
+    # Whole-batch renormalization (one scale for the batch tensor), as the seeds' defect does:
+    whole = _whole_batch_benettin(PerSampleScale(scales), ids, eps=1e-2)
+    assert abs(whole - math.log(2.0)) < 0.1  # the whole perturbation aligned with sample 0
+    assert abs(float(res) - whole) > 0.5
+
+
+def _whole_batch_benettin(stepper, x, eps):
+    """Reference of the defect: one norm over the whole batch tensor, log of the batch growth."""
+    B = x.shape[1]
+    state = stepper.init_state(B, x.device, x.dtype)
+    twin = (state[0] + eps * torch.ones_like(state[0]) / math.sqrt(state[0].numel()),)
+    total = 0.0
+    for t in range(x.shape[0]):
+        _, state = stepper.step(x[t], state)
+        _, twin = stepper.step(x[t], twin)
+        diff = twin[0] - state[0]
+        growth = diff.norm() / eps
+        total += math.log(float(growth))
+        twin = (state[0] + diff / growth,)
+    return total / x.shape[0]
+
+
+def test_shared_first_layer_matches_twins_run_separately():
+    torch.manual_seed(3)
+    model = SpikingMLP(10, [32, 32, 16], 4, threshold=0.5)
+    x = seq(20, 5, 10, scale=1.5, dtype=torch.float64)
+    model.double()
+    g = torch.Generator().manual_seed(7)
+    res = finite_difference_lyapunov(model, x, eps=1e-3, generator=g)
+    # Reference: nominal and twin as two separate runs, renormalized by hand (global, per sample).
+    g = torch.Generator().manual_seed(7)
+    B = x.shape[1]
+    nominal = model.init_state(B, x.device, x.dtype)
+    directions = [torch.randn(B, h, generator=g, dtype=x.dtype) for h in model.hidden_dims]
+    norm = torch.sqrt(sum(d.pow(2).sum(1) for d in directions)).unsqueeze(1)
+    L = model.num_layers
+    twin = tuple(nominal[i] + 1e-3 * directions[i] / norm for i in range(L)) + nominal[L:]
+    total = torch.zeros(B, dtype=x.dtype)
+    outs = []
+    for t in range(x.shape[0]):
+        out, nominal = model.step(x[t], nominal)
+        _, twin = model.step(x[t], twin)
+        diffs = [twin[i] - nominal[i] for i in range(L)]
+        delta = torch.sqrt(sum(d.pow(2).sum(1) for d in diffs))
+        total += torch.log(delta / 1e-3)
+        twin = tuple(nominal[i] + diffs[i] * (1e-3 / delta).unsqueeze(1) for i in range(L)) + twin[L:]
+        outs.append(out)
+    assert torch.allclose(res.per_sample, total / x.shape[0], atol=1e-9)
+    assert torch.equal(res.outputs, torch.stack(outs))
+
+
+def test_stepper_without_twin_support_gets_the_same_numbers():
+    torch.manual_seed(4)
+    model = SpikingMLP(6, [24, 24], 2, threshold=0.6).double()
+
+    class Plain:  # hides supports_twins: the loop repeats the input for the twin rows instead
+        init_state, step, state_spec = model.init_state, model.step, model.state_spec
+
+    x = seq(15, 4, 6, scale=2.0, dtype=torch.float64)
+    a = finite_difference_lyapunov(model, x, eps=1e-3, generator=torch.Generator().manual_seed(0))
+    b = finite_difference_lyapunov(Plain(), x, eps=1e-3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a.per_sample, b.per_sample, atol=1e-12)
+
+
+def test_estimate_is_differentiable_and_counts_spike_flips():
+    torch.manual_seed(5)
+    model = SpikingMLP(8, [64, 64], 3, threshold=0.3)
+    res = finite_difference_lyapunov(model, seq(25, 8, 8, scale=2.0), eps=0.5)
+    assert 0.0 < res.flip_fraction <= 1.0
+    res.exponent.backward()
+    grad = model.linears[1].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_fraction_estimates_a_seeded_sub_batch():
+    model = SpikingMLP(4, [16], 2, threshold=1e9)
+    x = seq(10, 16, 4)
+    a = finite_difference_lyapunov(model, x, fraction=0.25, generator=torch.Generator().manual_seed(3))
+    b = finite_difference_lyapunov(model, x, fraction=0.25, generator=torch.Generator().manual_seed(3))
+    assert a.per_sample.shape == (4,) and torch.equal(a.sample_index, b.sample_index)
+    assert a.outputs.shape[1] == 16  # the nominal trajectory still covers the whole batch
+    assert abs(float(a) - math.log(0.9)) < 0.01
+
+
+def test_lyap_layers_selects_what_is_perturbed_and_measured():
+    torch.manual_seed(6)
+    model = SpikingMLP(4, [16, 16], 2, beta=0.9, threshold=1e9)
+    model.lifs[1].beta.fill_(0.5)
+    x = seq(20, 3, 4)
+    assert abs(float(finite_difference_lyapunov(model, x, layers=[-1], eps=1e-2)) - math.log(0.5)) < 0.01
+    assert abs(float(finite_difference_lyapunov(model, x, layers=[0], eps=1e-2)) - math.log(0.9)) < 0.01
+    per_layer = finite_difference_lyapunov(model, x, renorm="per_layer", eps=1e-2)
+    # each layer renormalized to eps/sqrt(2): the growth is the mean of the two layers' squares
+    assert abs(float(per_layer) - 0.5 * math.log((0.81 + 0.25) / 2)) < 0.01
+
+
+def test_float32_resolution_warning_and_float64_twin():
+    model = SpikingMLP(4, [500], 2, threshold=1e9)
+    x = seq(10, 2, 4)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        finite_difference_lyapunov(model, x, eps=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = finite_difference_lyapunov(model, x, eps=1e-8, twin_dtype=torch.float64)
+    assert abs(float(res) - math.log(0.9)) < 1e-6
+    assert res.exponent.dtype == torch.float32 and res.outputs.dtype == torch.float32
+
+
+def test_twin_with_zero_perturbation_never_diverges():
+    torch.manual_seed(8)
+    model = SpikingMLP(6, [32, 32], 2, threshold=0.4, dropout=0.3).train()
+    x = seq(12, 4, 6, scale=2.0)
+    twins = TwinLayout(4, torch.arange(4))
+    state = model.init_state(8, None, torch.float32)
+    seen = []
+
+    def compare(t, out, st):
+        seen.append(out.float().mean().item())
+        for s in st:
+            assert torch.equal(twins.twin(s), twins.partner(s))
+        assert torch.equal(twins.twin(out), twins.partner(out))  # dropout masks shared
+
+    unroll(model, x, state, twins=twins, on_step=compare)
+    assert len(seen) == 12 and max(seen) > 0  # the net did spike
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"eps": 0.0}, "eps"), ({"eps": -1e-3}, "eps"), ({"fraction": 0.0}, "fraction"),
+    ({"fraction": 1.5}, "fraction"), ({"renorm": "batch"}, "renorm"), ({"layers": [5]}, "lyap_layers"),
+    ({"discard": 99}, "discard"),
+])
+def test_bad_arguments_name_themselves(kwargs, match):
+    model = SpikingMLP(4, [8, 8], 2)
+    with pytest.raises(ValueError, match=match):
+        finite_difference_lyapunov(model, seq(5, 2, 4), **kwargs)
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.zeros(5, 0, 4), "empty"),
+    (torch.full((5, 2, 4), float("nan")), "NaN"),
+    (torch.zeros(5), "2-D"),
+])
+def test_bad_input_is_rejected(x, match):
+    with pytest.raises(ValueError, match=match):
+        finite_difference_lyapunov(SpikingMLP(4, [8], 2), x)

@@ -1,0 +1,80 @@
+"""The ten penalty kinds of seed 002, checked against their formulas written out by hand."""
+import math
+
+import pytest
+import torch
+
+from stablespike import PENALTY_KINDS, LyapunovRegularizer, compute_lyap_reg_loss
+
+TARGET, THRESHOLD = -0.1, 2.0
+
+
+def relu(v):
+    return max(v, 0.0)
+
+
+# Each formula from seed 002's docstring/comments, in plain Python floats.
+FORMULAS = {
+    "squared": lambda l: (l - TARGET) ** 2,
+    "hinge": lambda l: relu(l) ** 2,
+    "asymmetric": lambda l: relu(l) ** 2 + 0.1 * relu(-l - 1.0) ** 2,
+    "extreme": lambda l: relu(l - THRESHOLD) ** 2,
+    "adaptive_linear": lambda l: relu(l - THRESHOLD) ** 3,
+    "adaptive_exp": lambda l: (math.exp(relu(l - THRESHOLD)) - 1.0) * relu(l - THRESHOLD),
+    "adaptive_sigmoid": lambda l: (l - TARGET) ** 2 / (1.0 + math.exp(-(l - THRESHOLD) / 0.5)),
+    "mult_linear": lambda l: relu(l) ** 2,
+    "mult_squared": lambda l: relu(l) ** 3,
+    "mult_log": lambda l: math.log1p(relu(l)) * relu(l),
+}
+POINTS = [-2.5, -0.6, 0.0, 0.5, 1.0, 2.4, 3.0]
+
+
+def test_there_are_ten_kinds():
+    assert sorted(PENALTY_KINDS) == sorted(FORMULAS)
+
+
+@pytest.mark.parametrize("kind", sorted(FORMULAS))
+def test_penalty_matches_its_formula(kind):
+    for lam in POINTS:
+        got = compute_lyap_reg_loss(torch.tensor(lam, dtype=torch.float64), kind, TARGET, THRESHOLD)
+        assert float(got) == pytest.approx(FORMULAS[kind](lam), rel=1e-9, abs=1e-12), (kind, lam)
+
+
+def test_seed_comment_values_of_the_multiplier_kinds():
+    # seed 002: mult_linear 1.0 -> 1.0, 2.0 -> 4.0; mult_squared 0.5 -> 0.125; mult_log 2.0 -> 2.20
+    assert float(compute_lyap_reg_loss(torch.tensor(2.0), "mult_linear", 0.0)) == pytest.approx(4.0)
+    assert float(compute_lyap_reg_loss(torch.tensor(0.5), "mult_squared", 0.0)) == pytest.approx(0.125)
+    assert float(compute_lyap_reg_loss(torch.tensor(2.0), "mult_log", 0.0)) == pytest.approx(2.197, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", sorted(FORMULAS))
+def test_gradient_pushes_lambda_the_right_way(kind):
+    # Where a penalty is active, descending it must move lambda toward the stable side / target.
+    for lam in POINTS:
+        x = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+        compute_lyap_reg_loss(x, kind, TARGET, THRESHOLD).backward()
+        h = 1e-6
+        numeric = (FORMULAS[kind](lam + h) - FORMULAS[kind](lam - h)) / (2 * h)
+        assert float(x.grad) == pytest.approx(numeric, rel=1e-4, abs=1e-6), (kind, lam)
+    chaotic = torch.tensor(3.0, requires_grad=True)
+    compute_lyap_reg_loss(chaotic, kind, TARGET, THRESHOLD).backward()
+    assert chaotic.grad > 0  # every kind penalizes strong chaos: gradient descent lowers lambda
+
+
+def test_unknown_kind_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="squared, hinge, asymmetric"):
+        compute_lyap_reg_loss(torch.tensor(0.0), "quadratic", 0.0)
+    with pytest.raises(ValueError, match="mult_log"):
+        LyapunovRegularizer(kind="l2")
+
+
+def test_regularizer_warmup_is_linear_over_epochs():
+    reg = LyapunovRegularizer(weight=0.3, kind="squared", target=-0.1, warmup_epochs=3)
+    assert [reg.weight_at(e) for e in (1, 2, 3, 4, 10)] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
+    lam = torch.tensor(0.4)
+    assert float(reg(lam, epoch=1)) == pytest.approx(0.1 * 0.25)
+    assert float(LyapunovRegularizer(weight=0.5)(lam)) == pytest.approx(0.5 * 0.25)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        LyapunovRegularizer(warmup_epochs=-1)
+    with pytest.raises(ValueError, match="weight"):
+        LyapunovRegularizer(weight=-1.0)
