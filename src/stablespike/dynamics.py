@@ -73,23 +73,23 @@ def state_spec_of(stepper, state: State) -> Tuple[StateSpec, ...]:
     return spec
 
 
-class TwinLayout(NamedTuple):
+class TwinLayout:
     """Row layout of a batch that carries ``K`` twin rows after its ``batch`` nominal rows.
 
     ``index`` (shape ``(K,)``, long) gives, for each twin row, the nominal row it is a twin of.
-    With ``index = arange(B)`` this is the seeds' P=2 stacking, flattened trajectory-major.
+    With ``index = arange(B)`` this is the seeds' P=2 stacking, flattened trajectory-major; then
+    partner rows are taken as a slice (a view) instead of a gather.
     """
 
-    batch: int
-    index: torch.Tensor
-
-    @property
-    def twins(self) -> int:
-        return int(self.index.numel())
+    def __init__(self, batch: int, index: torch.Tensor):
+        self.batch, self.index = int(batch), index
+        self.twins = int(index.numel())
+        self._all_rows = self.twins == self.batch and bool(
+            torch.equal(index.cpu(), torch.arange(self.batch)))
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, ...) -> (B + K, ...)``: append a copy of each twin's nominal row."""
-        return torch.cat([h, h.index_select(0, self.index)], dim=0)
+        return torch.cat([h, self.partner(h)], dim=0)
 
     def nominal(self, h: torch.Tensor) -> torch.Tensor:
         """``(B + K, ...) -> (B, ...)``: the nominal rows."""
@@ -100,9 +100,8 @@ class TwinLayout(NamedTuple):
         return h[self.batch:]
 
     def partner(self, h: torch.Tensor) -> torch.Tensor:
-        """``(B + K, ...) -> (K, ...)``: the nominal row of each twin, aligned with :meth:`twin`."""
-        return h.index_select(0, self.index)
-
+        """``(B [+ K], ...) -> (K, ...)``: the nominal row of each twin, aligned with :meth:`twin`."""
+        return h[: self.batch] if self._all_rows else h.index_select(0, self.index)
 
 def full_twins(batch: int, device=None) -> TwinLayout:
     """Every nominal row gets one twin (``K = B``)."""

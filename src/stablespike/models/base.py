@@ -59,8 +59,10 @@ class SeedModel(nn.Module):
              lyap_options: Optional[dict]):
         """Unroll over ``x_tf`` ``(T, B, ...)``: ``(outputs (T, B, ...), lyap_est or None, states)``."""
         if compute_lyapunov:
+            # the seed API returns only the exponent: skip the spike-flip diagnostic
             res = finite_difference_lyapunov(self, x_tf, eps=lyap_eps, layers=lyap_layers,
-                                             record_states=record_states, **(lyap_options or {}))
+                                             record_states=record_states, count_flips=False,
+                                             **(lyap_options or {}))
             return res.outputs, res.exponent, res.states
         run = unroll(self, x_tf, record_states=record_states)
         return run.outputs, None, run.states
@@ -95,14 +97,15 @@ class SequenceModel(SeedModel):
     def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,
                 lyap_layers: Optional[Sequence[int]] = None, record_states: bool = False, *,
                 time_first: bool = False, lyap_renorm: str = "global", lyap_fraction: float = 1.0,
-                lyap_dtype: Optional[torch.dtype] = None):
+                lyap_dtype: Optional[torch.dtype] = None, lyap_renorm_every: int = 1):
         """Classify a sequence.
 
         Args:
             x: ``(B, T, D)`` batch-first as seed 001, or ``(T, B, D)`` with ``time_first=True``.
             compute_lyapunov, lyap_eps, lyap_layers: the seed's finite-difference estimate
                 (see :func:`stablespike.lyapunov.finite_difference_lyapunov`, which also documents
-                ``lyap_renorm`` (``renorm``), ``lyap_fraction`` and ``lyap_dtype`` (``twin_dtype``)).
+                ``lyap_renorm`` (``renorm``), ``lyap_fraction``, ``lyap_dtype`` (``twin_dtype``) and
+                ``lyap_renorm_every``).
             record_states: also return spikes and membranes.
 
         Returns:
@@ -115,5 +118,6 @@ class SequenceModel(SeedModel):
         x_tf = x if time_first else batch_first_to_time_first(x)
         outputs, lyap, states = self._run(
             x_tf, compute_lyapunov, lyap_eps, lyap_layers, record_states,
-            {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype})
+            {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype,
+             "renorm_every": lyap_renorm_every})
         return self.readout(outputs.sum(dim=0)), lyap, self.recordings(states)

@@ -142,7 +142,7 @@ class SpikingVGG(SeedModel):
     def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,
                 lyap_layers: Optional[Sequence[int]] = None, record_states: bool = False, *,
                 lyap_renorm: str = "global", lyap_fraction: float = 1.0,
-                lyap_dtype: Optional[torch.dtype] = None):
+                lyap_dtype: Optional[torch.dtype] = None, lyap_renorm_every: int = 1):
         """Classify images.
 
         Args:
@@ -163,7 +163,8 @@ class SpikingVGG(SeedModel):
         x_tf = x.unsqueeze(0).expand(self.T, *x.shape) if x.dim() == 4 else x
         outputs, lyap, states = self._run(
             x_tf, compute_lyapunov, lyap_eps, lyap_layers, record_states,
-            {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype})
+            {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype,
+             "renorm_every": lyap_renorm_every})
         logits = self.fc(self.dropout(outputs.sum(dim=0)))
         return logits, lyap, self.recordings(states)
 
