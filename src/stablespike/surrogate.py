@@ -11,17 +11,19 @@ import torch
 
 
 class _FastSigmoidSpike(torch.autograd.Function):
-    """Heaviside forward, derivative ``1 / (1 + slope |u|)^2`` (SuperSpike) in both AD modes."""
+    """Heaviside forward, derivative ``1 / (1 + slope |u|)^2`` (SuperSpike) in both AD modes.
+
+    Written in the ``forward(ctx, ...)`` style on purpose: with a separate ``setup_context``,
+    ``Function.apply`` runs ``inspect.signature`` on every call, which costs more than the spike
+    itself on the per-step hot path. Forward-mode AD goes through ``torch.autograd.forward_ad``.
+    """
 
     @staticmethod
-    def forward(u: torch.Tensor, slope: float) -> torch.Tensor:
-        return (u > 0).to(u.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, slope = inputs
+    def forward(ctx, u: torch.Tensor, slope: float) -> torch.Tensor:
         ctx.save_for_backward(u)
+        ctx.save_for_forward(u)
         ctx.slope = slope
+        return (u > 0).to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

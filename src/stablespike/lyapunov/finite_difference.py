@@ -135,12 +135,11 @@ def finite_difference_lyapunov(
         run = unroll(run_stepper, x.to(dtype), state, twins=twins, on_step=tracker,
                      record_states=record_states)
 
-    if tracker.log_growth is None:
+    if not tracker.norms:
         raise ValueError(
             f"discard: {discard} leaves no whole renormalization interval of {renorm_every} steps "
             f"in T={T} steps")
-    tracker.warn_if_collapsed()
-    per_sample = (tracker.log_growth / tracker.counted_steps).to(x.dtype)
+    per_sample = (tracker.log_growth() / tracker.counted_steps).to(x.dtype)
     outputs = run.outputs.to(x.dtype)
     return FiniteDifferenceResult(
         exponent=per_sample.mean(), per_sample=per_sample, sample_index=twins.index,
@@ -188,11 +187,10 @@ class _Tracker:
             layers = sorted({spec[i].layer for i in chosen})
             self.groups = [[i for i in chosen if spec[i].layer == layer] for layer in layers]
         self.target = eps / math.sqrt(len(self.groups))  # each group's share of the norm eps
-        self.log_growth = None
+        self.norms = []  # (K,) divergence at the end of each counted interval
         self.counted_steps = 0
         self.interval_start = 0
         self.flips = []
-        self.smallest = []
 
     def perturb(self, state: State, generator) -> State:
         """Twin rows := their nominal rows + a random direction of norm eps (per sample)."""
@@ -231,13 +229,23 @@ class _Tracker:
         partners = {i: tw.partner(state[i]) for i in self.chosen}
         diffs = {i: tw.twin(state[i]) - partners[i] for i in self.chosen}
         state, norm = self._renormalize(state, partners, diffs)
-        self.smallest.append(norm.amin())
         if self.interval_start >= self.discard:
-            growth = torch.log(norm / self.eps)  # (K,), over steps interval_start..t
-            self.log_growth = growth if self.log_growth is None else self.log_growth + growth
+            self.norms.append(norm)  # reduced once at the end: no per-step log
             self.counted_steps += t + 1 - self.interval_start
         self.interval_start = t + 1
         return state
+
+    def log_growth(self) -> torch.Tensor:
+        """Sum over counted intervals of ``ln(divergence / eps)`` per sample, ``(K,)``."""
+        norms = torch.stack(self.norms)  # (intervals, K)
+        if bool(norms.detach().amin() <= torch.finfo(norms.dtype).tiny):
+            warnings.warn(
+                "the twin trajectories coincided exactly for some samples (zero divergence): eps "
+                "is too small for this dtype, or the chosen layers do not depend on their state. "
+                "Their log-growth was floored.",
+                RuntimeWarning, stacklevel=3,
+            )
+        return norms.log().sum(dim=0) - len(self.norms) * math.log(self.eps)
 
     @torch.no_grad()
     def _count_flips(self, state: State) -> None:
@@ -250,16 +258,6 @@ class _Tracker:
         if not self.spikes:
             return float("nan")
         return int(torch.stack(self.flips).sum()) / (steps * self.twins.twins)
-
-    def warn_if_collapsed(self) -> None:
-        tiny = torch.finfo(self.smallest[0].dtype).tiny
-        if bool(torch.stack(self.smallest).amin() <= tiny):
-            warnings.warn(
-                "the twin trajectories coincided exactly for some samples (zero divergence): eps "
-                "is too small for this dtype, or the chosen layers do not depend on their state. "
-                "Their log-growth was floored.",
-                RuntimeWarning, stacklevel=3,
-            )
 
 
 def _row_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
