@@ -7,11 +7,12 @@ interleaved after a warm-up, and the medians are compared with the plain step:
 * ``full``       — stablespike's estimate on the whole batch (twins batched with the nominal rows,
                    first layer computed once);
 * ``fraction``   — the estimate on a random 1/8 of the batch (``lyap_fraction=0.125``);
+* ``fraction+r5`` — the same, measuring and renormalizing every 5 steps (``lyap_renorm_every=5``);
 * ``seed-style`` — the seeds' way, as a reference: the twin trajectory stepped separately
                    (MLP only; REFERENCES.md measured 2.1-2.3x on this machine).
 
-It also checks that the sub-batch estimate tracks the full-batch one: the mean exponent over
-20 batches with ``fraction=0.125`` against the mean with the full batch.
+It also checks that the sub-batch estimates track the full-batch one: the mean exponent over
+20 batches with ``fraction=0.125`` (and with ``renorm_every=5``) against the full-batch mean.
 
     python benchmarks/lyapunov_overhead.py            # MLP depths 2/4/8 and a small VGG
     python benchmarks/lyapunov_overhead.py --quick    # fewer repetitions
@@ -54,6 +55,14 @@ def seed_style_forward(model: SpikingMLP, x: torch.Tensor, eps: float):
     return model.readout(total), (acc / T).mean()
 
 
+VARIANTS = {
+    "plain": {},
+    "full": {"compute_lyapunov": True},
+    "fraction": {"compute_lyapunov": True, "lyap_fraction": 0.125},
+    "fraction+r5": {"compute_lyapunov": True, "lyap_fraction": 0.125, "lyap_renorm_every": 5},
+}
+
+
 def make_step(model, x, y, variant: str, reg: LyapunovRegularizer):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
@@ -62,9 +71,7 @@ def make_step(model, x, y, variant: str, reg: LyapunovRegularizer):
         if variant == "seed-style":
             logits, lam = seed_style_forward(model, x, 1e-4)
         else:
-            kw = {} if variant == "plain" else {
-                "compute_lyapunov": True, "lyap_fraction": 1.0 if variant == "full" else 0.125}
-            logits, lam, _ = model(x, **kw)
+            logits, lam, _ = model(x, **VARIANTS[variant])
         loss = F.cross_entropy(logits, y)
         if lam is not None:
             loss = loss + reg(lam)
@@ -88,16 +95,14 @@ def time_interleaved(steps: dict, warmup: int, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def fraction_agreement(model, batches) -> tuple:
-    """Mean exponent over the batches with the full batch and with fraction=0.125."""
-    full, sub = [], []
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for x in batches:
-            full.append(float(model(x, compute_lyapunov=True)[1]))
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-            sub.append(float(model(x, compute_lyapunov=True, lyap_fraction=0.125)[1]))
-    return statistics.fmean(full), statistics.fmean(sub)
+def fraction_agreement(model, batches) -> dict:
+    """Mean exponent over the batches for the full, fraction and fraction+r5 estimates."""
+    means = {}
+    for name in ("full", "fraction", "fraction+r5"):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            means[name] = statistics.fmean(float(model(x, **VARIANTS[name])[1]) for x in batches)
+    return means
 
 
 def bench_model(name, build, make_input, variants, args, reg, agreement_batches=20):
@@ -113,8 +118,8 @@ def bench_model(name, build, make_input, variants, args, reg, agreement_batches=
     for v in variants[1:]:
         row[f"{v}_ratio"] = med[v] / med["plain"]
     probe = build().eval()
-    full, sub = fraction_agreement(probe, [make_input()[0] for _ in range(agreement_batches)])
-    row.update({"lambda_full": full, "lambda_fraction": sub, "lambda_gap": abs(full - sub)})
+    means = fraction_agreement(probe, [make_input()[0] for _ in range(agreement_batches)])
+    row.update({f"lambda_{k}": v for k, v in means.items()})
     return row
 
 
@@ -137,7 +142,7 @@ def main(argv=None):
             f"MLP 784-256x{d}-10 T={T} B={B}",
             lambda: SpikingMLP(784, [256] * d, 10),
             lambda: (torch.rand(B, T, 784), torch.randint(0, 10, (B,))),
-            ["plain", "full", "fraction", "seed-style"], args, reg))
+            ["plain", "full", "fraction", "fraction+r5", "seed-style"], args, reg))
         print(_fmt(rows[-1]), flush=True)
     if not args.no_vgg:
         Tv, Bv = 4, 32
@@ -145,7 +150,7 @@ def main(argv=None):
             f"VGG 3 stages x1 block, 16 ch, 32x32, T={Tv} B={Bv}",
             lambda: SpikingVGG(3, 10, base_channels=16, num_stages=3, blocks_per_stage=1, T=Tv),
             lambda: (torch.rand(Bv, 3, 32, 32), torch.randint(0, 10, (Bv,))),
-            ["plain", "full", "fraction"], args, reg))
+            ["plain", "full", "fraction", "fraction+r5"], args, reg))
         print(_fmt(rows[-1]), flush=True)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"median of {args.reps} interleaved reps after {args.warmup} warm-up")
@@ -157,9 +162,8 @@ def main(argv=None):
 
 def _fmt(row) -> str:
     ratios = "  ".join(f"{k[:-6]} {v:.2f}x" for k, v in row.items() if k.endswith("_ratio"))
-    return (f"{row['model']:<42} plain {row['plain_ms']:7.1f} ms  {ratios}  "
-            f"lambda full {row['lambda_full']:+.3f} / fraction {row['lambda_fraction']:+.3f} "
-            f"(gap {row['lambda_gap']:.3f})")
+    lams = " / ".join(f"{k[7:]} {v:+.3f}" for k, v in row.items() if k.startswith("lambda_"))
+    return f"{row['model']:<46} plain {row['plain_ms']:6.1f} ms  {ratios}  mean lambda: {lams}"
 
 
 if __name__ == "__main__":

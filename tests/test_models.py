@@ -150,3 +150,23 @@ def test_vgg_rejects_wrong_image_shape_and_bad_config():
         SpikingMLP(4, [], 2)
     with pytest.raises(ValueError, match="dropout"):
         SpikingMLP(4, [8], 2, dropout=1.0)
+
+
+def test_float64_twins_keep_float32_model_and_its_batch_norm_statistics():
+    torch.manual_seed(5)
+    a = SpikingVGG(1, 4, base_channels=4, num_stages=2, blocks_per_stage=1, T=3, input_size=8,
+                   dropout=0.0).train()
+    b = copy.deepcopy(a)
+    x = torch.rand(4, 1, 8, 8) * 3
+    la, _, _ = a(x)
+    lb, lyap, _ = b(x, compute_lyapunov=True, lyap_eps=1e-6, lyap_dtype=torch.float64)
+    assert lb.dtype == torch.float32 and lyap.dtype == torch.float32
+    assert torch.allclose(la, lb, atol=1e-4)
+    for ma, mb in zip(a.modules(), b.modules()):
+        if isinstance(ma, torch.nn.BatchNorm2d):
+            assert mb.running_mean.dtype == torch.float32
+            assert torch.allclose(ma.running_mean, mb.running_mean, atol=1e-6)
+            assert torch.allclose(ma.running_var, mb.running_var, atol=1e-5)
+    lyap.backward()
+    grad = b.stages[1][0].conv.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()

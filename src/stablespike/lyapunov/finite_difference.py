@@ -28,6 +28,7 @@ import torch
 from .._checks import check_fraction, check_positive, check_tensor
 from ..dynamics import State, TwinLayout, select_layers, state_spec_of, unroll
 from .precision import maybe_cast
+from .renorm import renormalize
 
 RENORM_MODES = ("global", "per_layer")
 
@@ -170,11 +171,7 @@ def _warn_if_unresolved(eps: float, n_perturbed: int, dtype: torch.dtype) -> Non
 
 
 class _Tracker:
-    """Perturbs the twins, then after each step measures, accumulates and renormalizes.
-
-    Runs once per time step on the hot path, so it keeps the number of tensor operations small:
-    one difference and one norm per layer, one fused ``partner + d * scale`` per layer.
-    """
+    """Perturbs the twins, then after each step (or interval) measures and renormalizes."""
 
     def __init__(self, twins: TwinLayout, spec, chosen, eps, renorm, discard, every, steps,
                  count_flips):
@@ -182,10 +179,11 @@ class _Tracker:
         self.discard, self.every, self.last = discard, every, steps - 1
         self.spikes = tuple(i for i, s in enumerate(spec) if s.kind == "spike") if count_flips else ()
         if renorm == "global":
-            self.groups = [list(chosen)]
-        else:
+            self.groups = [tuple(range(len(chosen)))]
+        else:  # one group per layer; positions into ``chosen``
             layers = sorted({spec[i].layer for i in chosen})
-            self.groups = [[i for i in chosen if spec[i].layer == layer] for layer in layers]
+            self.groups = [tuple(k for k, i in enumerate(chosen) if spec[i].layer == layer)
+                           for layer in layers]
         self.target = eps / math.sqrt(len(self.groups))  # each group's share of the norm eps
         self.norms = []  # (K,) divergence at the end of each counted interval
         self.counted_steps = 0
@@ -194,41 +192,26 @@ class _Tracker:
 
     def perturb(self, state: State, generator) -> State:
         """Twin rows := their nominal rows + a random direction of norm eps (per sample)."""
-        tw = self.twins
-        partners = {i: tw.partner(state[i]) for i in self.chosen}
-        diffs = {
-            i: torch.randn(partners[i].shape, generator=generator, device="cpu",
-                           dtype=state[i].dtype).to(state[i].device)
-            for i in self.chosen
-        }
-        state, _ = self._renormalize(state, partners, diffs)
-        return state
+        tw, out = self.twins, list(state)
+        for i in self.chosen:
+            partner = tw.partner(state[i])
+            noise = torch.randn(partner.shape, generator=generator, device="cpu", dtype=partner.dtype)
+            out[i] = torch.cat([tw.nominal(state[i]), partner + noise.to(partner.device)])
+        return self._renormalize(tuple(out))[0]
 
-    def _renormalize(self, state: State, partners: dict, diffs: dict):
-        """Rescale ``diffs`` to norm ``eps`` per sample (per renorm mode), rebuild the twin rows.
-
-        Returns the new state and the norm of ``diffs`` per sample before rescaling, ``(K,)``.
-        """
-        tw, out, norms = self.twins, list(state), []
-        for group in self.groups:
-            norm = _row_norm([diffs[i] for i in group])
-            norms.append(norm)
-            scale = self.target / norm
-            for i in group:
-                twin = torch.addcmul(partners[i], diffs[i], scale.view(-1, *([1] * (diffs[i].dim() - 1))))
-                out[i] = torch.cat([tw.nominal(state[i]), twin], dim=0)
-        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        return tuple(out), total
+    def _renormalize(self, state: State):
+        norm, new = renormalize(self.twins, self.groups, self.target, [state[i] for i in self.chosen])
+        out = list(state)
+        for i, s in zip(self.chosen, new):
+            out[i] = s
+        return tuple(out), norm
 
     def __call__(self, t: int, out_t: torch.Tensor, state: State) -> State:
         if self.spikes:
             self._count_flips(state)
         if (t + 1) % self.every and t != self.last:
             return state  # inside a renormalization interval
-        tw = self.twins
-        partners = {i: tw.partner(state[i]) for i in self.chosen}
-        diffs = {i: tw.twin(state[i]) - partners[i] for i in self.chosen}
-        state, norm = self._renormalize(state, partners, diffs)
+        state, norm = self._renormalize(state)
         if self.interval_start >= self.discard:
             self.norms.append(norm)  # reduced once at the end: no per-step log
             self.counted_steps += t + 1 - self.interval_start
@@ -259,11 +242,3 @@ class _Tracker:
             return float("nan")
         return int(torch.stack(self.flips).sum()) / (steps * self.twins.twins)
 
-
-def _row_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """Per-row Euclidean norm over several ``(K, ...)`` tensors together, ``(K,)``.
-
-    Floored at the dtype's smallest normal number so that log and division stay finite.
-    """
-    flat = tensors[0].flatten(1) if len(tensors) == 1 else torch.cat([t.flatten(1) for t in tensors], dim=1)
-    return torch.linalg.vector_norm(flat, dim=1).clamp_min(torch.finfo(flat.dtype).tiny)
