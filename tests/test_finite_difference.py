@@ -194,7 +194,8 @@ def test_twin_with_zero_perturbation_never_diverges():
 @pytest.mark.parametrize("kwargs, match", [
     ({"eps": 0.0}, "eps"), ({"eps": -1e-3}, "eps"), ({"fraction": 0.0}, "fraction"),
     ({"fraction": 1.5}, "fraction"), ({"renorm": "batch"}, "renorm"), ({"layers": [5]}, "lyap_layers"),
-    ({"discard": 99}, "discard"),
+    ({"discard": 99}, "discard"), ({"renorm_every": 0}, "renorm_every"),
+    ({"renorm_every": 5, "discard": 1}, "discard"),
 ])
 def test_bad_arguments_name_themselves(kwargs, match):
     model = SpikingMLP(4, [8, 8], 2)
@@ -210,3 +211,13 @@ def test_bad_arguments_name_themselves(kwargs, match):
 def test_bad_input_is_rejected(x, match):
     with pytest.raises(ValueError, match=match):
         finite_difference_lyapunov(SpikingMLP(4, [8], 2), x)
+
+
+def test_renorm_every_is_exact_for_linear_dynamics():
+    stepper = LinearMap(rotation(0.4, 0.8))
+    x = seq(60, 3, dtype=torch.float64)
+    every_step = finite_difference_lyapunov(stepper, x, eps=1e-3, renorm_every=1)
+    every_7 = finite_difference_lyapunov(stepper, x, eps=1e-3, renorm_every=7, discard=7)
+    assert abs(float(every_step) - math.log(0.8)) < 1e-9
+    assert abs(float(every_7) - math.log(0.8)) < 1e-9
+    assert every_7.steps == 53  # 60 steps minus the 7 discarded

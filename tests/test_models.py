@@ -88,6 +88,15 @@ def test_vgg_channel_cap_and_depth():
     assert [b.conv.out_channels for s in model.stages for b in s] == [256, 256, 512, 512, 512, 512]
 
 
+def assert_same_batch_norm_statistics(a, b):
+    for ma, mb in zip(a.modules(), b.modules()):
+        if isinstance(ma, torch.nn.BatchNorm2d):
+            assert mb.running_mean.dtype == ma.running_mean.dtype
+            assert torch.allclose(ma.running_mean, mb.running_mean, atol=1e-6)
+            assert torch.allclose(ma.running_var, mb.running_var, atol=1e-5)
+            assert int(ma.num_batches_tracked) == int(mb.num_batches_tracked)
+
+
 def test_vgg_twins_share_batch_norm_statistics():
     torch.manual_seed(3)
     a = SpikingVGG(1, 4, base_channels=4, num_stages=2, blocks_per_stage=2, T=3, input_size=8,
@@ -96,11 +105,7 @@ def test_vgg_twins_share_batch_norm_statistics():
     x = torch.rand(4, 1, 8, 8) * 3
     la, _, _ = a(x)
     lb, lyap, _ = b(x, compute_lyapunov=True, lyap_eps=1e-3)
-    for ma, mb in zip(a.modules(), b.modules()):
-        if isinstance(ma, torch.nn.BatchNorm2d):
-            assert torch.allclose(ma.running_mean, mb.running_mean, atol=1e-6)
-            assert torch.allclose(ma.running_var, mb.running_var, atol=1e-6)
-            assert int(ma.num_batches_tracked) == int(mb.num_batches_tracked)
+    assert_same_batch_norm_statistics(a, b)
     assert torch.allclose(la, lb, atol=1e-5)  # the twins leave the nominal trajectory alone
 
 
@@ -162,11 +167,7 @@ def test_float64_twins_keep_float32_model_and_its_batch_norm_statistics():
     lb, lyap, _ = b(x, compute_lyapunov=True, lyap_eps=1e-6, lyap_dtype=torch.float64)
     assert lb.dtype == torch.float32 and lyap.dtype == torch.float32
     assert torch.allclose(la, lb, atol=1e-4)
-    for ma, mb in zip(a.modules(), b.modules()):
-        if isinstance(ma, torch.nn.BatchNorm2d):
-            assert mb.running_mean.dtype == torch.float32
-            assert torch.allclose(ma.running_mean, mb.running_mean, atol=1e-6)
-            assert torch.allclose(ma.running_var, mb.running_var, atol=1e-5)
+    assert_same_batch_norm_statistics(a, b)
     lyap.backward()
     grad = b.stages[1][0].conv.weight.grad
     assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()

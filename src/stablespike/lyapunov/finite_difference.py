@@ -122,6 +122,10 @@ def finite_difference_lyapunov(
         raise ValueError(f"discard: expected an integer in [0, {T - 1}] (T={T}), got {discard!r}")
     if int(renorm_every) != renorm_every or renorm_every < 1:
         raise ValueError(f"renorm_every: expected an integer >= 1, got {renorm_every!r}")
+    if -(-int(discard) // int(renorm_every)) * int(renorm_every) >= T:
+        raise ValueError(
+            f"discard: {discard} leaves no whole renormalization interval of {renorm_every} steps "
+            f"in T={T} steps")
     twins = TwinLayout(B, _choose_rows(B, fraction, x.device, generator))
 
     with maybe_cast(stepper, twin_dtype) as run_stepper:
@@ -136,10 +140,6 @@ def finite_difference_lyapunov(
         run = unroll(run_stepper, x.to(dtype), state, twins=twins, on_step=tracker,
                      record_states=record_states)
 
-    if not tracker.norms:
-        raise ValueError(
-            f"discard: {discard} leaves no whole renormalization interval of {renorm_every} steps "
-            f"in T={T} steps")
     per_sample = (tracker.log_growth() / tracker.counted_steps).to(x.dtype)
     outputs = run.outputs.to(x.dtype)
     return FiniteDifferenceResult(

@@ -89,10 +89,24 @@ def zeros_state(shapes: Sequence[Tuple[int, ...]], batch_size: int, device, dtyp
 
 
 class SequenceModel(SeedModel):
-    """A seed model over sequences ``(B, T, D)``: time-summed last-layer spikes -> ``readout``.
-
-    Subclasses set ``input_dim`` and ``readout`` and implement the stepper protocol.
+    """A seed model over sequences ``(B, T, D)``: Linear layers into spiking layers, time-summed
+    last-layer spikes -> ``readout``. Subclasses add the neurons and the stepper protocol.
     """
+
+    def __init__(self, input_dim: int, hidden_dims, num_classes: int):
+        super().__init__()
+        self.hidden_dims = check_dims(hidden_dims)
+        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
+        self.num_layers = len(self.hidden_dims)
+        dims = [self.input_dim] + self.hidden_dims
+        self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.num_layers))
+        self.readout = nn.Linear(self.hidden_dims[-1], self.num_classes)
+
+    def _init_weights(self) -> None:
+        """Seed 001: Xavier-uniform weights and zero biases for the layers and the readout."""
+        for lin in list(self.linears) + [self.readout]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,
                 lyap_layers: Optional[Sequence[int]] = None, record_states: bool = False, *,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..dynamics import StateSpec, TwinLayout, shared_dropout, shared_input
-from .base import SequenceModel, check_dims, leaky, zeros_state
+from .base import SequenceModel, leaky, zeros_state
 
 
 class SpikingMLP(SequenceModel):
@@ -27,23 +27,12 @@ class SpikingMLP(SequenceModel):
     def __init__(self, input_dim: int, hidden_dims: List[int], num_classes: int,
                  beta: float = 0.9, threshold: float = 1.0, spike_grad: Optional[Any] = None,
                  dropout: float = 0.0):
-        super().__init__()
-        self.hidden_dims = check_dims(hidden_dims)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
-        self.num_layers = len(self.hidden_dims)
+        super().__init__(input_dim, hidden_dims, num_classes)
         self.beta, self.threshold, self.dropout_p = beta, threshold, float(dropout)
-        dims = [self.input_dim] + self.hidden_dims
-        self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.num_layers))
         self.lifs = nn.ModuleList(leaky(beta, threshold, spike_grad) for _ in range(self.num_layers))
-        self.readout = nn.Linear(self.hidden_dims[-1], num_classes)
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        for lin in list(self.linears) + [self.readout]:
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
 
     # --- stepper protocol -------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..dynamics import StateSpec, TwinLayout, shared_input
 from ..surrogate import fast_sigmoid
-from .base import SequenceModel, check_dims, untracked, zeros_state
+from .base import SequenceModel, untracked, zeros_state
 
 _KINDS = ("spike", "synaptic", "membrane")
 
@@ -27,27 +27,16 @@ class RecurrentSpikingMLP(SequenceModel):
     def __init__(self, input_dim: int, hidden_dims: List[int], num_classes: int,
                  alpha: float = 0.9, beta: float = 0.85, threshold: float = 1.0,
                  spike_grad: Optional[Any] = None):
-        super().__init__()
-        self.hidden_dims = check_dims(hidden_dims)
-        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
-        self.num_layers = len(self.hidden_dims)
+        super().__init__(input_dim, hidden_dims, num_classes)
         self.alpha, self.beta, self.threshold = alpha, beta, threshold
         spike_grad = spike_grad or fast_sigmoid(25)
-        dims = [self.input_dim] + self.hidden_dims
-        self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.num_layers))
         self.neurons = nn.ModuleList(
             untracked(snn.RSynaptic(alpha=alpha, beta=beta, threshold=threshold,
                                     spike_grad=spike_grad, init_hidden=False,
                                     reset_mechanism="subtract", all_to_all=True,
-                                    linear_features=dims[i + 1]))
-            for i in range(self.num_layers))
-        self.readout = nn.Linear(self.hidden_dims[-1], num_classes)
+                                    linear_features=h))
+            for h in self.hidden_dims)
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        for lin in list(self.linears) + [self.readout]:
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
 
     # --- stepper protocol -------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None):
