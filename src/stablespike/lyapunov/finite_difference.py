@@ -134,8 +134,10 @@ def finite_difference_lyapunov(
         spec = state_spec_of(run_stepper, state)
         chosen = select_layers(spec, layers)
         _warn_if_unresolved(eps, sum(state[i][0].numel() for i in chosen), dtype)
+        # steppers that never save their state for backward let the twin rows be rewritten in place
+        inplace = bool(getattr(run_stepper, "twin_state_inplace", False))
         tracker = _Tracker(twins, spec, chosen, eps, renorm, discard, int(renorm_every), T,
-                           count_flips)
+                           count_flips, inplace)
         state = tracker.perturb(state, generator)
         run = unroll(run_stepper, x.to(dtype), state, twins=twins, on_step=tracker,
                      record_states=record_states)
@@ -174,8 +176,8 @@ class _Tracker:
     """Perturbs the twins, then after each step (or interval) measures and renormalizes."""
 
     def __init__(self, twins: TwinLayout, spec, chosen, eps, renorm, discard, every, steps,
-                 count_flips):
-        self.twins, self.chosen, self.eps = twins, chosen, eps
+                 count_flips, inplace):
+        self.twins, self.chosen, self.eps, self.inplace = twins, chosen, eps, inplace
         self.discard, self.every, self.last = discard, every, steps - 1
         self.spikes = tuple(i for i, s in enumerate(spec) if s.kind == "spike") if count_flips else ()
         if renorm == "global":
@@ -200,7 +202,8 @@ class _Tracker:
         return self._renormalize(tuple(out))[0]
 
     def _renormalize(self, state: State):
-        norm, new = renormalize(self.twins, self.groups, self.target, [state[i] for i in self.chosen])
+        norm, new = renormalize(self.twins, self.groups, self.target, [state[i] for i in self.chosen],
+                                inplace=self.inplace)
         out = list(state)
         for i, s in zip(self.chosen, new):
             out[i] = s

@@ -44,6 +44,7 @@ class CastStepper:
         self._call = _StepCall(stepper)
         self.dtype = dtype
         self.supports_twins = getattr(stepper, "supports_twins", False)
+        self.twin_state_inplace = getattr(stepper, "twin_state_inplace", False)
         self._tensors: Dict[str, torch.Tensor] = {}
         for name, p in stepper.named_parameters():
             self._tensors["stepper." + name] = p.to(dtype) if p.is_floating_point() else p

@@ -36,7 +36,8 @@ def row_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 class _Renormalize(torch.autograd.Function):
     # forward(ctx, ...) style: a separate setup_context costs an inspect.signature per call.
     @staticmethod
-    def forward(ctx, twins: TwinLayout, groups: Tuple[Tuple[int, ...], ...], target: float, *states):
+    def forward(ctx, twins: TwinLayout, groups: Tuple[Tuple[int, ...], ...], target: float,
+                inplace: bool, *states):
         partners = [twins.partner(s) for s in states]
         diffs = [twins.twin(s) - p for s, p in zip(states, partners)]
         outs: List[torch.Tensor] = [None] * len(states)
@@ -45,9 +46,15 @@ class _Renormalize(torch.autograd.Function):
             n = row_norm([diffs[j] for j in group])
             scale = target / n
             for j in group:
-                twin = torch.addcmul(partners[j], diffs[j], _col(scale, diffs[j]))
-                outs[j] = torch.cat([twins.nominal(states[j]), twin], dim=0)
+                if inplace:  # write the twin rows where they are: no copy of the nominal rows
+                    torch.addcmul(partners[j], diffs[j], _col(scale, diffs[j]), out=twins.twin(states[j]))
+                    outs[j] = states[j]
+                else:
+                    twin = torch.addcmul(partners[j], diffs[j], _col(scale, diffs[j]))
+                    outs[j] = torch.cat([twins.nominal(states[j]), twin], dim=0)
             norms.append(n)
+        if inplace:
+            ctx.mark_dirty(*states)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
         ctx.twins, ctx.groups, ctx.target = twins, groups, target
         ctx.diffs, ctx.norms, ctx.total = diffs, norms, total
@@ -76,7 +83,7 @@ class _Renormalize(torch.autograd.Function):
                 # partner rows: d(partner + scale D)/dpartner = I - scale I, plus -dL/dD via D
                 grad.index_add_(0, twins.index, g_twins[j] - g_d)
                 grads[j] = grad
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _twin_grad(g: torch.Tensor, like: torch.Tensor, batch: int) -> torch.Tensor:
@@ -90,12 +97,16 @@ def _nominal_grad(g: torch.Tensor, like: torch.Tensor, batch: int) -> torch.Tens
 
 
 def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,
-                states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                states: Sequence[torch.Tensor], inplace: bool = False
+                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Rescale each group's twin divergence to norm ``target`` per sample.
 
     ``states``: the perturbed state tensors ``(B + K, ...)``; ``groups``: positions into
     ``states`` that share one norm (one group: global renormalization).
+    ``inplace``: overwrite the twin rows of ``states`` instead of building new tensors. Only for
+    steppers that never save their state tensors for backward (autograd raises if one did).
     Returns the total divergence norm before rescaling ``(K,)`` and the new state tensors.
     """
-    total, *outs = _Renormalize.apply(twins, tuple(tuple(g) for g in groups), float(target), *states)
+    total, *outs = _Renormalize.apply(twins, tuple(tuple(g) for g in groups), float(target),
+                                      bool(inplace), *states)
     return total, outs

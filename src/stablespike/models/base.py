@@ -53,6 +53,9 @@ class SeedModel(nn.Module):
     """Base of the seed models: a stepper whose ``forward`` is the seeds' ``forward``."""
 
     supports_twins = True
+    # snnTorch's neurons never save their state tensors for backward (beta * mem saves beta), so
+    # the Lyapunov twin rows may be renormalized in place (autograd would raise if that changed).
+    twin_state_inplace = True
 
     def _run(self, x_tf: torch.Tensor, compute_lyapunov: bool, lyap_eps: float,
              lyap_layers: Optional[Sequence[int]], record_states: bool,
