@@ -11,7 +11,7 @@ TORCH_WHEEL := torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || { \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "torch found in $(PYTHON): the venv will see it"; \
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	  else $(PYTHON) -m venv $(VENV); fi; }
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_WHEEL)
 	$(PY) -m pip install -q -e ".[dev]"
+	@# the peers' monitors are test oracles: spikingjelly and norse declare torchvision/torchaudio,
+	@# which would pull a CUDA torch, so they go in without dependencies, then what they import
+	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0 norse==1.1.0
+	$(PY) -m pip install -q loguru tensorboard nir
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -20,6 +20,11 @@ from .models import (
     SpikingVGGBlock,
     create_snn,
 )
+from .monitor import (AttributeMonitor, GradInputMonitor, GradOutputMonitor, InputMonitor,
+                      OutputMonitor)
+from .neurons import find_neurons, register_neuron
+from .stats import FiringRate, GradNorm, MembraneStats
+from .streaming import FiringRateMonitor, GradNormMonitor, MembraneMonitor
 from .surrogate import FastSigmoid, fast_sigmoid
 
 __version__ = "0.1.0"
@@ -31,4 +36,7 @@ __all__ = [
     "LyapunovSNN", "RecurrentLyapunovSNN", "RecurrentSpikingMLP", "SpikingMLP", "SpikingVGG",
     "SpikingVGGBlock", "create_snn",
     "FastSigmoid", "fast_sigmoid",
+    "OutputMonitor", "InputMonitor", "AttributeMonitor", "GradOutputMonitor", "GradInputMonitor",
+    "find_neurons", "register_neuron", "FiringRate", "MembraneStats", "GradNorm",
+    "FiringRateMonitor", "MembraneMonitor", "GradNormMonitor",
 ]

@@ -22,6 +22,7 @@ The seed models (:mod:`stablespike.models`) are steppers; so is any small class 
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -159,6 +160,22 @@ def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> 
     bn.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
 
 
+# The twin layout of the loop running now, so that monitors hooked into the stepper's modules can
+# keep the nominal rows only (a context variable: per thread and task, reset when the loop ends).
+_ACTIVE_TWINS: ContextVar[Optional[TwinLayout]] = ContextVar("stablespike_active_twins", default=None)
+
+
+def nominal_rows(h):
+    """``h`` without the Lyapunov twin rows, when called inside a loop that carries twins.
+
+    Tensors whose first dimension is not ``B + K`` (parameters, multi-step tensors) pass unchanged.
+    """
+    twins = _ACTIVE_TWINS.get()
+    if twins is None or not isinstance(h, torch.Tensor) or h.dim() == 0:
+        return h
+    return h[: twins.batch] if h.shape[0] == twins.batch + twins.twins else h
+
+
 class Unrolled(NamedTuple):
     """Result of :func:`unroll`.
 
@@ -185,7 +202,7 @@ def unroll(stepper, x: torch.Tensor, state: Optional[State] = None, *,
     (the Lyapunov estimators renormalize there). ``out_t`` given to ``on_step`` has all rows.
     """
     check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
-    T, B = x.shape[0], x.shape[1]
+    B = x.shape[1]
     rows = B + (twins.twins if twins is not None else 0)
     if twins is not None and twins.batch != B:
         raise ValueError(f"twins: expected a layout for batch {B} (x.shape[1]), got batch {twins.batch}")
@@ -197,8 +214,17 @@ def unroll(stepper, x: torch.Tensor, state: Optional[State] = None, *,
             f"got {[describe(s) for s in state]}"
         )
     shares = twins is not None and getattr(stepper, "supports_twins", False)
+    token = _ACTIVE_TWINS.set(twins)
+    try:
+        return _loop(stepper, x, state, twins, shares, on_step, record_states)
+    finally:
+        _ACTIVE_TWINS.reset(token)
+
+
+def _loop(stepper, x, state, twins, shares, on_step, record_states) -> Unrolled:
+    B = x.shape[1]
     outputs, states = [], [] if record_states else None
-    for t in range(T):
+    for t in range(x.shape[0]):
         x_t = x[t]
         if shares:
             out_t, state = stepper.step(x_t, state, twins=twins)

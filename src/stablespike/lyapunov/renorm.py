@@ -107,6 +107,8 @@ def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: floa
     steppers that never save their state tensors for backward (autograd raises if one did).
     Returns the total divergence norm before rescaling ``(K,)`` and the new state tensors.
     """
+    # autograd cannot rewrite views (e.g. outputs wrapped by full backward hooks) or leaves in place
+    inplace = inplace and all(s._base is None and not (s.is_leaf and s.requires_grad) for s in states)
     total, *outs = _Renormalize.apply(twins, tuple(tuple(g) for g in groups), float(target),
-                                      bool(inplace), *states)
+                                      inplace, *states)
     return total, outs
