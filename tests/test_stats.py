@@ -65,12 +65,15 @@ def test_bounded_state_and_clear_errors():
     acc = FiringRate()
     for _ in range(50):
         acc.update(torch.ones(16, 7))
-    assert acc.spike_sum.shape == (7,)  # O(neurons), whatever the number of updates
+    acc.update(torch.ones(3, 7))  # a smaller last batch
+    assert acc.compute().tolist() == [1.0] * 7 and acc.count == 16 * 50 + 3
+    assert acc.spike_sum.shape == (7,)  # O(neurons) totals, whatever the number of updates
     with pytest.raises(ValueError, match=r"neurons of shape \(7,\)"):
         acc.update(torch.ones(16, 8))
+        acc.compute()
     with pytest.raises(ValueError, match=r"\(T, B, \.\.\.\)"):
         FiringRate().update(torch.ones(5), multistep=True)
     with pytest.raises(RuntimeError, match="update first"):
         MembraneStats().compute()
     acc.reset()
-    assert acc.count == 0 and acc.spike_sum is None
+    assert acc.count == 0 and acc.spike_sum is None and acc._buffer is None

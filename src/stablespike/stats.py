@@ -9,7 +9,6 @@ and batch dimensions are averaged over, never summed into a rate (DESIGN.md rule
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
@@ -31,7 +30,14 @@ class FiringRate:
 
     ``update(spikes, multistep)``; ``compute()`` -> rates of the neuron shape (e.g. ``(N,)`` or
     ``(C, H, W)``); ``mean()`` -> the layer's mean rate.
+
+    On the hot path (a hook call per layer and time step) an update is one in-place addition of
+    the spikes into a buffer of one step's shape ``(B, *neurons)``; the buffer is reduced over the
+    batch into the float64 per-neuron sum when the shape changes, every ``2**20`` updates (float32
+    stays exact for binary spikes), and before any read. State: O(batch x neurons), constant in time.
     """
+
+    _FLUSH_EVERY = 2 ** 20
 
     def __init__(self):
         self.reset()
@@ -39,17 +45,32 @@ class FiringRate:
     def reset(self) -> None:
         self.spike_sum: Optional[torch.Tensor] = None  # neuron shape, float64
         self.count = 0  # time steps x samples seen
+        self._buffer: Optional[torch.Tensor] = None  # (B, *neurons), spikes not yet reduced
+        self._buffered = 0
 
-    @torch.no_grad()
     def update(self, spikes: torch.Tensor, multistep: bool = False) -> None:
         lead = _lead(spikes, multistep, "spikes")
-        total = spikes.detach().sum(dim=tuple(range(lead)))
+        step = spikes.detach()
+        if lead == 2:
+            step = step.sum(dim=0)  # (B, *neurons): one reduction per multi-step call
+        if self._buffer is not None and self._buffer.shape == step.shape and self._buffered < self._FLUSH_EVERY:
+            self._buffer.add_(step)
+        else:
+            self._flush()
+            self._buffer = step.clone()
+        self._buffered += 1
+        self.count += spikes.shape[0] * spikes.shape[1] if lead == 2 else spikes.shape[0]
+
+    def _flush(self) -> None:
+        if self._buffer is None:
+            return
+        total = self._buffer.sum(dim=0).to(torch.float64)
+        self._buffer, self._buffered = None, 0
         if self.spike_sum is None:
-            self.spike_sum = total.to(torch.float64)
+            self.spike_sum = total
         else:
             self._check_shape(total)
             self.spike_sum.add_(total)
-        self.count += math.prod(spikes.shape[:lead])
 
     def _check_shape(self, total: torch.Tensor) -> None:
         if total.shape != self.spike_sum.shape:
@@ -58,6 +79,7 @@ class FiringRate:
                 f"updates, got {tuple(total.shape)}")
 
     def compute(self) -> torch.Tensor:
+        self._flush()
         if self.spike_sum is None:
             raise RuntimeError("FiringRate.compute: no spikes were recorded (call update first)")
         return self.spike_sum / self.count
@@ -67,6 +89,8 @@ class FiringRate:
 
     def merge(self, other: "FiringRate") -> "FiringRate":
         """Add ``other``'s counts into this accumulator (in place); returns self."""
+        self._flush()
+        other._flush()
         if other.spike_sum is not None:
             if self.spike_sum is None:
                 self.spike_sum = other.spike_sum.clone()
@@ -77,6 +101,7 @@ class FiringRate:
         return self
 
     def state(self) -> Dict[str, torch.Tensor]:
+        self._flush()
         return {"spike_sum": self.spike_sum, "count": torch.tensor(float(self.count))}
 
 
