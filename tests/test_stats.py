@@ -77,3 +77,21 @@ def test_bounded_state_and_clear_errors():
         MembraneStats().compute()
     acc.reset()
     assert acc.count == 0 and acc.spike_sum is None and acc._buffer is None
+
+
+def test_membrane_stats_match_the_whole_data_and_detect_a_constant_membrane():
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(300, 6, 4, generator=g) * 0.5 + 3.0  # 300 steps: crosses a flush boundary
+    acc = MembraneStats()
+    for t in range(300):
+        acc.update(v[t])
+    acc.update(v[:5], multistep=True)  # and a multi-step update on top
+    allv = torch.cat([v, v[:5]]).double().flatten(0, 1)
+    stats = acc.compute()
+    assert torch.allclose(stats["mean"], allv.mean(0), atol=1e-6)
+    assert torch.allclose(stats["std"], allv.std(0, unbiased=False), atol=1e-6)
+    assert torch.equal(stats["min"], allv.amin(0)) and torch.equal(stats["max"], allv.amax(0))
+    flat = MembraneStats()
+    for _ in range(20):
+        flat.update(torch.full((8, 3), 0.7312))
+    assert flat.compute()["std"].max() == 0.0  # exactly: voltage collapse must stay detectable

@@ -87,6 +87,9 @@ class FiringRate:
     def mean(self) -> float:
         return float(self.compute().mean())
 
+    def has_data(self) -> bool:
+        return self.count > 0
+
     def merge(self, other: "FiringRate") -> "FiringRate":
         """Add ``other``'s counts into this accumulator (in place); returns self."""
         self._flush()
@@ -108,26 +111,60 @@ class FiringRate:
 class MembraneStats:
     """Per-neuron membrane mean / std / min / max over time steps and samples.
 
-    Keeps ``(n, mean, M2)`` and merges batches with Chan's parallel formula, so the variance is
-    exact and stable however many updates arrive.
+    Hot path: each update adds the deviations from a per-row shift (the first value seen) into
+    float32 buffers of one step's shape ``(B, *neurons)``: sum, sum of squares, min, max, all in
+    place. The buffers are folded into float64 ``(n, mean, M2)`` with Chan's parallel formula every
+    ``256`` updates, on a shape change and before any read. The shift keeps the sums small, so a
+    constant membrane gives a std of exactly 0 (voltage collapse stays detectable).
     """
+
+    _FLUSH_EVERY = 256
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.n = 0
-        self.mean_: Optional[torch.Tensor] = None
+        self.mean_: Optional[torch.Tensor] = None  # neuron shape, float64
         self.m2: Optional[torch.Tensor] = None
         self.min_: Optional[torch.Tensor] = None
         self.max_: Optional[torch.Tensor] = None
+        self._buf = None  # (shift, sum, sumsq, min, max, updates), each (B, *neurons)
 
-    @torch.no_grad()
     def update(self, membrane: torch.Tensor, multistep: bool = False) -> None:
         lead = _lead(membrane, multistep, "membrane")
-        v = membrane.detach().to(torch.float64).flatten(0, lead - 1)  # (samples, *neurons)
-        var, mean = torch.var_mean(v, dim=0, unbiased=False)
-        self._combine(v.shape[0], mean, var * v.shape[0], v.amin(dim=0), v.amax(dim=0))
+        v = membrane.detach()
+        step_shape = v.shape[1:] if lead == 2 else v.shape
+        buf = self._buf
+        if buf is None or buf[0].shape != step_shape or buf[5] >= self._FLUSH_EVERY:
+            self._flush()
+            first = v[0] if lead == 2 else v
+            buf = self._buf = [first.clone(), torch.zeros_like(first), torch.zeros_like(first),
+                               first.clone(), first.clone(), 0]
+        d = v - buf[0]
+        if lead == 2:
+            buf[1].add_(d.sum(0))
+            buf[2].add_((d * d).sum(0))
+            torch.minimum(buf[3], v.amin(0), out=buf[3])
+            torch.maximum(buf[4], v.amax(0), out=buf[4])
+        else:
+            buf[1].add_(d)
+            buf[2].addcmul_(d, d)
+            torch.minimum(buf[3], v, out=buf[3])
+            torch.maximum(buf[4], v, out=buf[4])
+        buf[5] += v.shape[0] if lead == 2 else 1
+
+    def _flush(self) -> None:
+        if self._buf is None:
+            return
+        shift, s1, s2, lo, hi, k = self._buf
+        self._buf = None
+        shift, s1, s2 = shift.double(), s1.double(), s2.double()
+        n_b = k * shift.shape[0]
+        mean_b = (k * shift + s1).sum(0) / n_b
+        off = shift - mean_b  # per row: shift relative to the batch mean
+        m2_b = (s2 + 2 * off * s1 + k * off * off).sum(0)
+        self._combine(n_b, mean_b, m2_b, lo.amin(0).double(), hi.amax(0).double())
 
     def _combine(self, n_b, mean_b, m2_b, min_b, max_b) -> None:
         if self.mean_ is None:
@@ -143,18 +180,26 @@ class MembraneStats:
         self.min_, self.max_ = torch.minimum(self.min_, min_b), torch.maximum(self.max_, max_b)
         self.n = n
 
+    def has_data(self) -> bool:
+        return self.n > 0 or self._buf is not None
+
     def compute(self) -> Dict[str, torch.Tensor]:
         """Per-neuron ``mean``, ``std`` (population), ``min``, ``max``."""
+        self._flush()
         if self.mean_ is None:
             raise RuntimeError("MembraneStats.compute: no membrane was recorded (call update first)")
-        return {"mean": self.mean_, "std": (self.m2 / self.n).sqrt(), "min": self.min_, "max": self.max_}
+        return {"mean": self.mean_, "std": (self.m2.clamp_min(0) / self.n).sqrt(),
+                "min": self.min_, "max": self.max_}
 
     def merge(self, other: "MembraneStats") -> "MembraneStats":
+        self._flush()
+        other._flush()
         if other.mean_ is not None:
             self._combine(other.n, other.mean_, other.m2, other.min_, other.max_)
         return self
 
     def state(self) -> Dict[str, torch.Tensor]:
+        self._flush()
         return {"n": torch.tensor(float(self.n)), "mean": self.mean_, "m2": self.m2,
                 "min": self.min_, "max": self.max_}
 
@@ -178,6 +223,9 @@ class GradNorm:
         self.norm_sum = self.norm_sum.to(norm.device) + norm
         self.norm_max = torch.maximum(self.norm_max.to(norm.device), norm)
         self.count += 1
+
+    def has_data(self) -> bool:
+        return self.count > 0
 
     def compute(self) -> Dict[str, float]:
         if self.count == 0:

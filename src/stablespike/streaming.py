@@ -25,7 +25,7 @@ class _StreamingMixin:
 
     def compute(self) -> Dict[str, object]:
         """``{layer name: accumulator.compute()}`` for the layers that saw data."""
-        return {name: s.compute() for name, s in self.stats.items() if _has_data(s)}
+        return {name: s.compute() for name, s in self.stats.items() if s.has_data()}
 
     def reset(self) -> None:
         for s in self.stats.values():
@@ -39,10 +39,6 @@ class _StreamingMixin:
         for name, s in other.stats.items():
             self.stats[name].merge(s)
         return self
-
-
-def _has_data(stat) -> bool:
-    return getattr(stat, "count", getattr(stat, "n", 0)) > 0
 
 
 def _neurons_only(layers: List[Layer], what: str) -> None:
