@@ -70,7 +70,6 @@ def test_bounded_state_and_clear_errors():
     assert acc.spike_sum.shape == (7,)  # O(neurons) totals, whatever the number of updates
     with pytest.raises(ValueError, match=r"neurons of shape \(7,\)"):
         acc.update(torch.ones(16, 8))
-        acc.compute()
     with pytest.raises(ValueError, match=r"\(T, B, \.\.\.\)"):
         FiringRate().update(torch.ones(5), multistep=True)
     with pytest.raises(RuntimeError, match="update first"):

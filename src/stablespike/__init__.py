@@ -26,6 +26,11 @@ from .neurons import find_neurons, register_neuron
 from .stats import FiringRate, GradNorm, MembraneStats
 from .streaming import FiringRateMonitor, GradNormMonitor, MembraneMonitor
 from .surrogate import FastSigmoid, fast_sigmoid
+from .rules import Pathology, Severity, Thresholds
+from .profiler import LayerStats, ProfileReport, SpikeProfiler
+from .stability import (StabilityMetrics, StabilityMonitor, analyze_weight_spectrum,
+                        compute_spectral_radius)
+from .callbacks import DiagnosticsCallback
 
 __version__ = "0.1.0"
 
@@ -39,4 +44,7 @@ __all__ = [
     "OutputMonitor", "InputMonitor", "AttributeMonitor", "GradOutputMonitor", "GradInputMonitor",
     "find_neurons", "register_neuron", "FiringRate", "MembraneStats", "GradNorm",
     "FiringRateMonitor", "MembraneMonitor", "GradNormMonitor",
+    "Pathology", "Severity", "Thresholds", "LayerStats", "ProfileReport", "SpikeProfiler",
+    "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius",
+    "DiagnosticsCallback",
 ]

@@ -106,10 +106,13 @@ def voltage_collapse(layer: str, voltage_std: float, steps: int, th: Thresholds)
 
 def activity_rules(layer: str, rates: np.ndarray, voltage_std: float, voltage_steps: int,
                    th: Thresholds) -> List[Pathology]:
-    """The per-layer rules; a silent layer is reported once, as silent, not also as dead."""
+    """The per-layer rules. A silent layer is reported once, as silent: not also as dead, nor as a
+    voltage collapse (a layer that receives nothing has a flat membrane for the same reason)."""
     silent = silent_layer(layer, rates, th)
-    found = [silent] if silent else [dead_neurons(layer, rates, th)]
-    found += [saturated_neurons(layer, rates, th), voltage_collapse(layer, voltage_std, voltage_steps, th)]
+    if silent:
+        return [silent]
+    found = [dead_neurons(layer, rates, th), saturated_neurons(layer, rates, th),
+             voltage_collapse(layer, voltage_std, voltage_steps, th)]
     return [p for p in found if p is not None]
 
 
@@ -122,7 +125,9 @@ def gradient_explosion(norms: Sequence[float], th: Thresholds, layer: str = "(ne
     if len(norms) < 3:
         return None
     median = float(np.median(norms))
-    ratio = max(norms) / median if median > 0 else math.inf
+    if not median > 0:
+        return None  # most records carry no gradient at all: vanishing, not explosion
+    ratio = max(norms) / median
     if ratio <= th.explosion_ratio:
         return None
     return Pathology(Severity.CRITICAL, "gradient_explosion", layer,

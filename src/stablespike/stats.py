@@ -9,7 +9,8 @@ and batch dimensions are averaged over, never summed into a rate (DESIGN.md rule
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import collections
+from typing import Dict, List, Optional
 
 import torch
 
@@ -56,6 +57,11 @@ class FiringRate:
         if self._buffer is not None and self._buffer.shape == step.shape and self._buffered < self._FLUSH_EVERY:
             self._buffer.add_(step)
         else:
+            known = self._buffer.shape[1:] if self._buffer is not None else (
+                self.spike_sum.shape if self.spike_sum is not None else None)
+            if known is not None and step.shape[1:] != known:
+                raise ValueError(f"spikes: expected neurons of shape {tuple(known)} as in earlier "
+                                 f"updates, got {tuple(step.shape[1:])}")
             self._flush()
             self._buffer = step.clone()
         self._buffered += 1
@@ -205,40 +211,66 @@ class MembraneStats:
 
 
 class GradNorm:
-    """Norms of the gradients that reach a layer: mean and max over the calls seen."""
+    """Norms of the gradients that reach a layer: mean and max over all calls, and the most recent
+    ``window`` norms (for median-based rules).
 
-    def __init__(self):
+    Hot path: one norm per call, kept as a 0-dim tensor (no device sync); folded into float64
+    totals every ``256`` calls and before any read.
+    """
+
+    _FLUSH_EVERY = 256
+
+    def __init__(self, window: int = 1024):
+        self.window = int(window)
         self.reset()
 
     def reset(self) -> None:
         self.count = 0
-        self.norm_sum = torch.zeros((), dtype=torch.float64)
-        self.norm_max = torch.zeros((), dtype=torch.float64)
+        self.norm_sum = 0.0
+        self.norm_max = 0.0
+        self.recent: "collections.deque[float]" = collections.deque(maxlen=self.window)
+        self._pending: List[torch.Tensor] = []
 
-    @torch.no_grad()
     def update(self, grad: torch.Tensor) -> None:
         if not isinstance(grad, torch.Tensor):
             raise ValueError(f"grad: expected a tensor, got {describe(grad)}")
-        norm = torch.linalg.vector_norm(grad.detach().to(torch.float64))
-        self.norm_sum = self.norm_sum.to(norm.device) + norm
-        self.norm_max = torch.maximum(self.norm_max.to(norm.device), norm)
-        self.count += 1
+        self.add_norm(torch.linalg.vector_norm(grad.detach()))
+
+    def add_norm(self, norm: torch.Tensor) -> None:
+        """Record an already computed norm (a 0-dim tensor)."""
+        self._pending.append(norm.detach())
+        if len(self._pending) >= self._FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        norms = torch.stack([n.to(torch.float64) for n in self._pending]).cpu().tolist()
+        self._pending = []
+        self.count += len(norms)
+        self.norm_sum += sum(norms)
+        self.norm_max = max(self.norm_max, max(norms))
+        self.recent.extend(norms)
 
     def has_data(self) -> bool:
-        return self.count > 0
+        return self.count > 0 or bool(self._pending)
 
     def compute(self) -> Dict[str, float]:
+        self._flush()
         if self.count == 0:
             raise RuntimeError("GradNorm.compute: no gradient was recorded (call update first)")
-        return {"mean": float(self.norm_sum) / self.count, "max": float(self.norm_max),
-                "count": self.count}
+        return {"mean": self.norm_sum / self.count, "max": self.norm_max, "count": self.count}
 
     def merge(self, other: "GradNorm") -> "GradNorm":
-        self.norm_sum = self.norm_sum + other.norm_sum.to(self.norm_sum.device)
-        self.norm_max = torch.maximum(self.norm_max, other.norm_max.to(self.norm_max.device))
+        self._flush()
+        other._flush()
         self.count += other.count
+        self.norm_sum += other.norm_sum
+        self.norm_max = max(self.norm_max, other.norm_max)
+        self.recent.extend(other.recent)
         return self
 
     def state(self) -> Dict[str, torch.Tensor]:
-        return {"count": torch.tensor(float(self.count)), "norm_sum": self.norm_sum,
-                "norm_max": self.norm_max}
+        self._flush()
+        return {"count": torch.tensor(float(self.count)), "norm_sum": torch.tensor(self.norm_sum),
+                "norm_max": torch.tensor(self.norm_max)}

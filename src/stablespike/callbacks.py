@@ -1,0 +1,59 @@
+"""Training callbacks: run the profiler and the stability monitor every ``every`` steps.
+
+The training loop (``stablespike.train``) calls ``on_train_begin(model)``, ``on_batch_end(step,
+model, loss, lyapunov)`` after ``loss.backward()``, and ``on_train_end()``; any loop can do the same.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+from torch import nn
+
+from .profiler import SpikeProfiler
+from .stability import StabilityMonitor
+
+log = logging.getLogger(__name__)
+
+
+class DiagnosticsCallback:
+    """Attaches a :class:`SpikeProfiler` for the whole run and, every ``every`` steps, computes
+    :class:`StabilityMetrics` and logs them with the profiler's health score and findings.
+
+    ``history`` keeps one dict per logged step (bounded by ``max_history``); ``sink``, if given,
+    receives each dict too (e.g. a JSON-lines writer).
+    """
+
+    def __init__(self, every: int = 50, compute_sv: bool = False, max_history: int = 10_000,
+                 sink: Optional[Callable[[Dict], None]] = None, profiler: Optional[SpikeProfiler] = None,
+                 stability: Optional[StabilityMonitor] = None):
+        if int(every) != every or every < 1:
+            raise ValueError(f"every: expected an integer >= 1, got {every!r}")
+        self.every, self.compute_sv, self.sink = int(every), compute_sv, sink
+        self.profiler = profiler or SpikeProfiler()
+        self.stability = stability or StabilityMonitor()
+        self.max_history = max_history
+        self.history: List[Dict] = []
+
+    def on_train_begin(self, model: nn.Module) -> None:
+        self.profiler.attach(model)
+
+    def on_batch_end(self, step: int, model: nn.Module, loss=None, lyapunov=None) -> Optional[Dict]:
+        if step % self.every:
+            return None
+        metrics = self.stability.compute(model, lyapunov=lyapunov, compute_sv=self.compute_sv)
+        report = self.profiler.report()
+        row = {"step": step, **metrics.to_dict(), "health_score": report.health_score,
+               "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies]}
+        if loss is not None:
+            row["loss"] = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+        self.history = (self.history + [row])[-self.max_history:]
+        if self.sink is not None:
+            self.sink(row)
+        log.info("step %d: %s | health %.0f | %d finding(s)", step, metrics, report.health_score,
+                 len(report.pathologies))
+        self.profiler.reset()  # each logged window reports on its own steps
+        return row
+
+    def on_train_end(self) -> None:
+        self.profiler.detach()
