@@ -190,42 +190,45 @@ class AttributeMonitor(BaseMonitor):
 
 
 class _GradMonitor(BaseMonitor):
-    """Full backward hooks; keeps, per layer, the twin layout of each forward still to be
-    back-propagated so that gradients of twin rows can be dropped in backward (LIFO order)."""
+    """Gradient monitors. In the forward (pre-)hook, a hook is put on the tensor whose gradient is
+    wanted (a neuron's spikes, or its input current); it fires during backward, in backward order.
 
-    def __init__(self, net, instance, function, keep_graph, registry):
+    Tensor hooks instead of module full-backward hooks: no extra autograd function per call (much
+    cheaper per time step), and the twin layout of the forward is known in the hook's closure, so
+    gradients of Lyapunov twin rows are dropped. The gradient is the total one reaching that
+    tensor (the same as the module's own when, as usual, the tensor feeds only that module).
+    """
+
+    def __init__(self, net, instance, function, keep_graph, registry, on_input: bool):
         super().__init__(net, instance, keep_graph=keep_graph, registry=registry)
         self.function = function
-        self._pending: Dict[str, list] = {layer.name: [] for layer in self._layers}
-        self._add(net.register_forward_pre_hook(self._hook_net(_GradMonitor._new_pass)))
         for layer in self._layers:
-            self._add(layer.module.register_forward_hook(self._hook(_GradMonitor._on_forward, layer)))
-            self._add(layer.module.register_full_backward_hook(self._hook(_GradMonitor._on_backward, layer)))
+            if on_input:
+                self._add(layer.module.register_forward_pre_hook(self._hook(_GradMonitor._watch_input, layer)))
+            else:
+                self._add(layer.module.register_forward_hook(self._hook(_GradMonitor._watch_output, layer)))
 
-    def _hook_net(self, method):
-        ref = weakref.ref(self)
+    def _watch_input(self, layer: Layer, inputs) -> None:
+        self._watch(layer, inputs[0] if layer.adapter and inputs else _unpack_len1(inputs))
 
-        def hook(module, *args):
+    def _watch_output(self, layer: Layer, inputs, output) -> None:
+        self._watch(layer, layer.adapter.spikes(layer.module, output) if layer.adapter else _unpack_len1(output))
+
+    def _watch(self, layer: Layer, tensor) -> None:
+        if not (isinstance(tensor, torch.Tensor) and tensor.requires_grad):
+            return
+        twins, ref = _ACTIVE_TWINS.get(), weakref.ref(self)
+
+        def on_grad(grad):
             monitor = ref()
-            if monitor is not None:
-                method(monitor)
-        return hook
+            if monitor is not None and monitor._enable:
+                if twins is not None and grad.shape[0] == twins.batch + twins.twins:
+                    grad = grad[: twins.batch]
+                monitor._on_grad(layer.name, grad)
+        tensor.register_hook(on_grad)
 
-    def _new_pass(self) -> None:
-        for pending in self._pending.values():  # a new forward of the net: nothing else is pending
-            pending.clear()
-
-    def _on_forward(self, layer: Layer, inputs, output) -> None:
-        if torch.is_grad_enabled():
-            self._pending[layer.name].append(_ACTIVE_TWINS.get())
-
-    def _on_backward(self, layer: Layer, grad_input, grad_output) -> None:
-        pending = self._pending[layer.name]
-        twins = pending.pop() if pending else None
-        grad = self._select(layer, grad_input, grad_output)
-        if twins is not None and isinstance(grad, torch.Tensor) and grad.shape[0] == twins.batch + twins.twins:
-            grad = grad[: twins.batch]
-        self._record(layer.name, self.function(self._prepare(grad)))
+    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
+        self._record(name, self.function(self._prepare(grad)))
 
 
 class GradOutputMonitor(_GradMonitor):
@@ -235,11 +238,8 @@ class GradOutputMonitor(_GradMonitor):
     def __init__(self, net: nn.Module, instance: InstanceSpec = None,
                  function_on_grad_output: Callable = _identity, *, keep_graph: bool = False,
                  registry: Optional[NeuronRegistry] = None):
-        super().__init__(net, instance, function_on_grad_output, keep_graph, registry)
+        super().__init__(net, instance, function_on_grad_output, keep_graph, registry, on_input=False)
         self.function_on_grad_output = function_on_grad_output
-
-    def _select(self, layer, grad_input, grad_output):
-        return grad_output[0] if layer.adapter else _unpack_len1(grad_output)
 
 
 class GradInputMonitor(_GradMonitor):
@@ -249,8 +249,5 @@ class GradInputMonitor(_GradMonitor):
     def __init__(self, net: nn.Module, instance: InstanceSpec = None,
                  function_on_grad_input: Callable = _identity, *, keep_graph: bool = False,
                  registry: Optional[NeuronRegistry] = None):
-        super().__init__(net, instance, function_on_grad_input, keep_graph, registry)
+        super().__init__(net, instance, function_on_grad_input, keep_graph, registry, on_input=True)
         self.function_on_grad_input = function_on_grad_input
-
-    def _select(self, layer, grad_input, grad_output):
-        return grad_input[0] if layer.adapter else _unpack_len1(grad_input)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -105,7 +106,7 @@ class _LayerRecord:
 
     def __init__(self):
         self.rate = FiringRate()
-        self.membrane = MembraneStats()
+        self.membrane = MembraneStats(extremes=False)  # the rules read mean and std only
         self.grad = GradNorm()
         self.voltage_steps = 0
         self.warned_nonbinary = False
@@ -173,9 +174,8 @@ class SpikeProfiler:
         self._monitors.clear()
 
     def _flush_passes(self) -> None:
-        for monitor in self._monitors:
-            if isinstance(monitor, _ProfilerGradHooks):
-                monitor.flush()  # the last backward pass
+        for monitor in self._monitors:  # the steps and the backward pass still held by the hooks
+            monitor.flush()
 
     close = detach
 
@@ -263,52 +263,92 @@ def _guard(update, layer) -> None:
 
 
 class _ProfilerHooks(BaseMonitor):
-    """Forward hooks feeding a profiler: spikes and membranes of every monitored neuron."""
+    """Forward hooks feeding a profiler: spikes and membranes of every monitored neuron.
+
+    Single-step neurons are called once per time step; reducing each call costs a few tensor
+    operations per step. Instead the hook keeps references to the step's spikes and membranes
+    (tensors autograd keeps alive anyway in training) and reduces up to ``_HOLD`` steps at once,
+    stacked as ``(k, B, ...)``: at the next forward of the net, at ``_HOLD`` steps, on a batch-size
+    change, and before a report. Memory held: at most ``_HOLD`` steps per layer.
+    """
+
+    _HOLD = 32
 
     def __init__(self, profiler: SpikeProfiler, net, instance, registry):
         super().__init__(net, instance, registry=registry)
         self.profiler = profiler
+        self._held: Dict[str, tuple] = {}  # layer -> (spikes list, membranes list)
         for layer in self._layers:
             if layer.adapter is None:
                 raise ValueError(f"instance: the profiler needs spiking neurons; layer {layer.name!r} "
                                  f"({type(layer.module).__name__}) is not one")
             self._add(layer.module.register_forward_hook(self._hook(_ProfilerHooks._on_output, layer)))
+        ref = weakref.ref(self)
+
+        def new_pass(module, args):
+            hooks = ref()
+            if hooks is not None:
+                hooks.flush()
+        self._add(net.register_forward_pre_hook(new_pass))
 
     def _on_output(self, layer: Layer, inputs, output) -> None:
-        rec = self.profiler._layers.setdefault(layer.name, _LayerRecord())
-        multi = layer.adapter.multistep(layer.module, output)
-        rec.rate.update(nominal_rows(layer.adapter.spikes(layer.module, output)), multi)
+        spikes = nominal_rows(layer.adapter.spikes(layer.module, output)).detach()
         v = layer.adapter.membrane(layer.module, output)
+        v = None if v is None else nominal_rows(v).detach()
+        if layer.adapter.multistep(layer.module, output):  # already (T, B, ...): reduce now
+            self._reduce(layer.name, spikes, v, multistep=True)
+            return
+        held = self._held.setdefault(layer.name, ([], []))
+        if held[0] and held[0][0].shape != spikes.shape:
+            self._flush_layer(layer.name)
+            held = self._held.setdefault(layer.name, ([], []))
+        held[0].append(spikes)
         if v is not None:
-            v = nominal_rows(v)
-            rec.membrane.update(v, multi)
-            rec.voltage_steps += v.shape[0] if multi else 1
+            held[1].append(v)
+        if len(held[0]) >= self._HOLD:
+            self._flush_layer(layer.name)
+
+    def _reduce(self, name: str, spikes, v, multistep: bool) -> None:
+        rec = self.profiler._layers.setdefault(name, _LayerRecord())
+        rec.rate.update(spikes, multistep)
+        if v is not None:
+            rec.membrane.update(v, multistep)
+            rec.voltage_steps += v.shape[0] if multistep else 1
+
+    def _flush_layer(self, name: str) -> None:
+        spikes, volts = self._held.pop(name, ([], []))
+        if spikes:
+            self._reduce(name, torch.stack(spikes), torch.stack(volts) if volts else None, multistep=True)
+
+    def flush(self) -> None:
+        for name in list(self._held):
+            self._flush_layer(name)
 
 
 class _ProfilerGradHooks(_GradMonitor):
-    """Backward hooks feeding a profiler: the norm of the gradient reaching each neuron's input
+    """Gradient hooks feeding a profiler: the norm of the gradient reaching each neuron's input
     (after the surrogate derivative), one norm per layer and backward pass (summed in square over
     the time steps of the pass), so that the rules compare training steps, not time steps."""
 
     def __init__(self, profiler: SpikeProfiler, net, instance, registry):
-        super().__init__(net, instance, _identity, False, registry)
+        super().__init__(net, instance, _identity, False, registry, on_input=True)
         self.profiler = profiler
-        self._pass_sq: Dict[str, torch.Tensor] = {}
+        self._pass_sq: Dict[str, list] = {}
+        ref = weakref.ref(self)
 
-    def _select(self, layer, grad_input, grad_output):
-        return grad_input[0]
+        def new_pass(module, args):  # a new forward of the net: the previous pass is complete
+            hooks = ref()
+            if hooks is not None:
+                hooks.flush()
+        self._add(net.register_forward_pre_hook(new_pass))
 
-    def _record(self, name: str, value) -> None:
-        if isinstance(value, torch.Tensor):
-            sq = torch.linalg.vector_norm(value).square()
-            self._pass_sq[name] = self._pass_sq[name] + sq if name in self._pass_sq else sq
-
-    def _new_pass(self) -> None:
-        super()._new_pass()
-        self.flush()
+    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
+        flat = grad.reshape(-1)
+        self._pass_sq.setdefault(name, []).append(torch.dot(flat, flat))  # one BLAS call, no sync
 
     def flush(self) -> None:
         """Hand the finished pass's per-layer norms to the profiler."""
-        for name, sq in self._pass_sq.items():
-            self.profiler._layers.setdefault(name, _LayerRecord()).grad.add_norm(sq.sqrt())
+        for name, squares in self._pass_sq.items():
+            norm = torch.stack(squares).to(torch.float64).sum().sqrt()
+            self.profiler._layers.setdefault(name, _LayerRecord()).grad.add_norm(norm)
         self._pass_sq = {}

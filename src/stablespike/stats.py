@@ -52,8 +52,10 @@ class FiringRate:
     def update(self, spikes: torch.Tensor, multistep: bool = False) -> None:
         lead = _lead(spikes, multistep, "spikes")
         step = spikes.detach()
-        if lead == 2:
-            step = step.sum(dim=0)  # (B, *neurons): one reduction per multi-step call
+        if lead == 2:  # (T, B, ...) at once: one reduction straight into the totals
+            self._add_total(step.sum(dim=(0, 1)))
+            self.count += step.shape[0] * step.shape[1]
+            return
         if self._buffer is not None and self._buffer.shape == step.shape and self._buffered < self._FLUSH_EVERY:
             self._buffer.add_(step)
         else:
@@ -65,15 +67,18 @@ class FiringRate:
             self._flush()
             self._buffer = step.clone()
         self._buffered += 1
-        self.count += spikes.shape[0] * spikes.shape[1] if lead == 2 else spikes.shape[0]
+        self.count += spikes.shape[0]
 
     def _flush(self) -> None:
         if self._buffer is None:
             return
-        total = self._buffer.sum(dim=0).to(torch.float64)
+        total = self._buffer.sum(dim=0)
         self._buffer, self._buffered = None, 0
+        self._add_total(total)
+
+    def _add_total(self, total: torch.Tensor) -> None:
         if self.spike_sum is None:
-            self.spike_sum = total
+            self.spike_sum = total.to(torch.float64)
         else:
             self._check_shape(total)
             self.spike_sum.add_(total)
@@ -126,7 +131,8 @@ class MembraneStats:
 
     _FLUSH_EVERY = 256
 
-    def __init__(self):
+    def __init__(self, extremes: bool = True):
+        self.extremes = extremes  # track min / max (two more in-place operations per update)
         self.reset()
 
     def reset(self) -> None:
@@ -140,7 +146,10 @@ class MembraneStats:
     def update(self, membrane: torch.Tensor, multistep: bool = False) -> None:
         lead = _lead(membrane, multistep, "membrane")
         v = membrane.detach()
-        step_shape = v.shape[1:] if lead == 2 else v.shape
+        if lead == 2:
+            self._update_steps(v)
+            return
+        step_shape = v.shape
         buf = self._buf
         if buf is None or buf[0].shape != step_shape or buf[5] >= self._FLUSH_EVERY:
             self._flush()
@@ -148,17 +157,27 @@ class MembraneStats:
             buf = self._buf = [first.clone(), torch.zeros_like(first), torch.zeros_like(first),
                                first.clone(), first.clone(), 0]
         d = v - buf[0]
-        if lead == 2:
-            buf[1].add_(d.sum(0))
-            buf[2].add_((d * d).sum(0))
-            torch.minimum(buf[3], v.amin(0), out=buf[3])
-            torch.maximum(buf[4], v.amax(0), out=buf[4])
-        else:
-            buf[1].add_(d)
-            buf[2].addcmul_(d, d)
+        buf[1].add_(d)
+        buf[2].addcmul_(d, d)
+        if self.extremes:
             torch.minimum(buf[3], v, out=buf[3])
             torch.maximum(buf[4], v, out=buf[4])
-        buf[5] += v.shape[0] if lead == 2 else 1
+        buf[5] += 1
+
+    def _update_steps(self, v: torch.Tensor) -> None:
+        """``(T, B, *neurons)`` at once: sums of deviations from the first step (shifted, so a
+        constant membrane gives a variance of exactly 0), then pooled per neuron in float64."""
+        T, shift = v.shape[0], v[0]
+        d = v - shift
+        s1, s2 = d.sum(0).double(), (d * d).sum(0).double()  # (B, *neurons)
+        mean_rows = shift.double() + s1 / T
+        m2_rows = (s2 - s1 * s1 / T).clamp_min(0)
+        mean_b = mean_rows.mean(0)
+        m2_b = m2_rows.sum(0) + T * ((mean_rows - mean_b) ** 2).sum(0)
+        lo, hi = (v.amin(dim=(0, 1)).double(), v.amax(dim=(0, 1)).double()) if self.extremes else (mean_b, mean_b)
+        if self._buf is not None and self._buf[0].shape[1:] != mean_b.shape:
+            self._flush()
+        self._combine(T * v.shape[1], mean_b, m2_b, lo, hi)
 
     def _flush(self) -> None:
         if self._buf is None:
@@ -190,12 +209,14 @@ class MembraneStats:
         return self.n > 0 or self._buf is not None
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        """Per-neuron ``mean``, ``std`` (population), ``min``, ``max``."""
+        """Per-neuron ``mean``, ``std`` (population), and ``min``, ``max`` when tracked."""
         self._flush()
         if self.mean_ is None:
             raise RuntimeError("MembraneStats.compute: no membrane was recorded (call update first)")
-        return {"mean": self.mean_, "std": (self.m2.clamp_min(0) / self.n).sqrt(),
-                "min": self.min_, "max": self.max_}
+        out = {"mean": self.mean_, "std": (self.m2.clamp_min(0) / self.n).sqrt()}
+        if self.extremes:
+            out.update(min=self.min_, max=self.max_)
+        return out
 
     def merge(self, other: "MembraneStats") -> "MembraneStats":
         self._flush()

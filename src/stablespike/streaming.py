@@ -116,12 +116,8 @@ class GradNormMonitor(_StreamingMixin, _GradMonitor):
 
     def __init__(self, net: nn.Module, instance: InstanceSpec = None, *,
                  registry: Optional[NeuronRegistry] = None):
-        super().__init__(net, instance, _identity, False, registry)
+        super().__init__(net, instance, _identity, False, registry, on_input=False)
         self.stats = {layer.name: GradNorm() for layer in self._layers}
 
-    def _select(self, layer, grad_input, grad_output):
-        return grad_output[0]
-
-    def _record(self, name: str, value) -> None:  # accumulate instead of keeping the tensor
-        if isinstance(value, torch.Tensor):
-            self.stats[name].update(value)
+    def _on_grad(self, name: str, grad: torch.Tensor) -> None:  # accumulate, keep no tensor
+        self.stats[name].update(grad)
