@@ -263,66 +263,30 @@ def _guard(update, layer) -> None:
 
 
 class _ProfilerHooks(BaseMonitor):
-    """Forward hooks feeding a profiler: spikes and membranes of every monitored neuron.
-
-    Single-step neurons are called once per time step; reducing each call costs a few tensor
-    operations per step. Instead the hook keeps references to the step's spikes and membranes
-    (tensors autograd keeps alive anyway in training) and reduces up to ``_HOLD`` steps at once,
-    stacked as ``(k, B, ...)``: at the next forward of the net, at ``_HOLD`` steps, on a batch-size
-    change, and before a report. Memory held: at most ``_HOLD`` steps per layer.
-    """
-
-    _HOLD = 32
+    """Forward hooks feeding a profiler: spikes and membranes of every monitored neuron, reduced
+    in the hook while they are still in cache (a few in-place operations per step)."""
 
     def __init__(self, profiler: SpikeProfiler, net, instance, registry):
         super().__init__(net, instance, registry=registry)
         self.profiler = profiler
-        self._held: Dict[str, tuple] = {}  # layer -> (spikes list, membranes list)
         for layer in self._layers:
             if layer.adapter is None:
                 raise ValueError(f"instance: the profiler needs spiking neurons; layer {layer.name!r} "
                                  f"({type(layer.module).__name__}) is not one")
             self._add(layer.module.register_forward_hook(self._hook(_ProfilerHooks._on_output, layer)))
-        ref = weakref.ref(self)
-
-        def new_pass(module, args):
-            hooks = ref()
-            if hooks is not None:
-                hooks.flush()
-        self._add(net.register_forward_pre_hook(new_pass))
 
     def _on_output(self, layer: Layer, inputs, output) -> None:
-        spikes = nominal_rows(layer.adapter.spikes(layer.module, output)).detach()
+        rec = self.profiler._layers.get(layer.name) or self.profiler._layers.setdefault(layer.name, _LayerRecord())
+        multi = layer.adapter.multistep(layer.module, output)
+        rec.rate.update(nominal_rows(layer.adapter.spikes(layer.module, output)), multi)
         v = layer.adapter.membrane(layer.module, output)
-        v = None if v is None else nominal_rows(v).detach()
-        if layer.adapter.multistep(layer.module, output):  # already (T, B, ...): reduce now
-            self._reduce(layer.name, spikes, v, multistep=True)
-            return
-        held = self._held.setdefault(layer.name, ([], []))
-        if held[0] and held[0][0].shape != spikes.shape:
-            self._flush_layer(layer.name)
-            held = self._held.setdefault(layer.name, ([], []))
-        held[0].append(spikes)
         if v is not None:
-            held[1].append(v)
-        if len(held[0]) >= self._HOLD:
-            self._flush_layer(layer.name)
-
-    def _reduce(self, name: str, spikes, v, multistep: bool) -> None:
-        rec = self.profiler._layers.setdefault(name, _LayerRecord())
-        rec.rate.update(spikes, multistep)
-        if v is not None:
-            rec.membrane.update(v, multistep)
-            rec.voltage_steps += v.shape[0] if multistep else 1
-
-    def _flush_layer(self, name: str) -> None:
-        spikes, volts = self._held.pop(name, ([], []))
-        if spikes:
-            self._reduce(name, torch.stack(spikes), torch.stack(volts) if volts else None, multistep=True)
+            v = nominal_rows(v)
+            rec.membrane.update(v, multi)
+            rec.voltage_steps += v.shape[0] if multi else 1
 
     def flush(self) -> None:
-        for name in list(self._held):
-            self._flush_layer(name)
+        """Nothing is held: every step is reduced in the hook."""
 
 
 class _ProfilerGradHooks(_GradMonitor):
