@@ -24,13 +24,13 @@ import json
 import platform
 import statistics
 import sys
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from stablespike import LyapunovRegularizer, SpikingMLP, SpikingVGG
+from _timing import time_interleaved
 
 warnings.filterwarnings("ignore", message="eps=", category=RuntimeWarning)
 
@@ -79,20 +79,6 @@ def make_step(model, x, y, variant: str, reg: LyapunovRegularizer):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
     return step
-
-
-def time_interleaved(steps: dict, warmup: int, reps: int) -> dict:
-    """Median seconds per call of each step, calls interleaved so that machine noise is shared."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times = {k: [] for k in steps}
-    for _ in range(reps):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def fraction_agreement(model, batches) -> dict:

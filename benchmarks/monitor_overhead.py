@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
 
 import stablespike as ss
+from _timing import time_interleaved
 
 T, B, DIMS = 25, 64, [512, 512, 512]
 
@@ -52,19 +51,6 @@ def spikingjelly_net():
     net = nn.Sequential(*mods, layer.Linear(d, 10))
     functional.set_step_mode(net, "m")
     return net, functional
-
-
-def time_variants(variants: dict, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def growth(make_monitor, forward, n: int, grad: bool) -> float:
@@ -127,7 +113,7 @@ def main(argv=None):
             return run
         variants["spikingjelly: none"] = sj_forward(sj_plain)
         variants["spikingjelly: OutputMonitor"] = sj_forward(sj_net, sj_monitored)
-    med = time_variants(variants, args.warmup, args.reps)
+    med = time_interleaved(variants, args.warmup, args.reps)
     print(f"forward of a 784-{'-'.join(map(str, DIMS))}-10 LIF MLP, T={T}, B={B}, no grad; "
           f"median of {args.reps} interleaved reps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, t in med.items():

@@ -3,21 +3,19 @@
 Network: the 784-512-512-512-10 LIF MLP of the monitor benchmark (snnTorch neurons), T=25, B=64.
 A training step is forward, cross-entropy, backward, AdamW. The profiler records spikes and
 membranes of every neuron on forward and the surrogate gradient on backward, through hooks.
-Each variant runs on its own copy of the model (same weights), interleaved in alternating order
-(ABBA) after a warm-up; medians.
+Each variant runs on its own copy of the model (same weights), interleaved in rotating order
+after a warm-up; medians.
 
     python benchmarks/profiler_overhead.py [--reps 21]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from stablespike import SpikeProfiler, SpikingMLP
+from _timing import time_interleaved
 
 T, B = 25, 64
 
@@ -47,17 +45,7 @@ def main(argv=None):
     plain, profiled = build(), build()
     profiler = SpikeProfiler().attach(profiled)
     steps = {"no profiler": make_step(plain, x, y), "SpikeProfiler.attach": make_step(profiled, x, y)}
-    for _ in range(args.warmup):
-        for fn in steps.values():
-            fn()
-    times = {k: [] for k in steps}
-    order = list(steps.items())
-    for rep in range(args.reps):
-        for name, fn in (order if rep % 2 == 0 else order[::-1]):  # ABBA: no position bias
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = time_interleaved(steps, args.warmup, args.reps)
     print(f"training step of a 784-512-512-512-10 LIF MLP, T={T}, B={B}; median of {args.reps} "
           f"interleaved reps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, t in med.items():
