@@ -141,7 +141,7 @@ class MembraneStats:
         self.m2: Optional[torch.Tensor] = None
         self.min_: Optional[torch.Tensor] = None
         self.max_: Optional[torch.Tensor] = None
-        self._buf = None  # (shift, sum, sumsq, min, max, updates), each (B, *neurons)
+        self._buf = None  # [shift, sum, sumsq, min, max, updates, scratch], tensors (B, *neurons)
 
     def update(self, membrane: torch.Tensor, multistep: bool = False) -> None:
         lead = _lead(membrane, multistep, "membrane")
@@ -153,10 +153,11 @@ class MembraneStats:
         buf = self._buf
         if buf is None or buf[0].shape != step_shape or buf[5] >= self._FLUSH_EVERY:
             self._flush()
-            first = v[0] if lead == 2 else v
-            buf = self._buf = [first.clone(), torch.zeros_like(first), torch.zeros_like(first),
-                               first.clone(), first.clone(), 0]
-        d = v - buf[0]
+            buf = self._buf = [v.clone(), torch.zeros_like(v), torch.zeros_like(v),
+                               v.clone(), v.clone(), 0, torch.empty_like(v)]
+        # the deviation goes into a preallocated scratch tensor: no allocation per step (a fresh
+        # 128 KiB block per step costs more than the arithmetic with glibc's allocator)
+        d = torch.sub(v, buf[0], out=buf[6])
         buf[1].add_(d)
         buf[2].addcmul_(d, d)
         if self.extremes:
@@ -182,7 +183,7 @@ class MembraneStats:
     def _flush(self) -> None:
         if self._buf is None:
             return
-        shift, s1, s2, lo, hi, k = self._buf
+        shift, s1, s2, lo, hi, k, _ = self._buf
         self._buf = None
         shift, s1, s2 = shift.double(), s1.double(), s2.double()
         n_b = k * shift.shape[0]
