@@ -41,8 +41,7 @@ class LogisticMap:
     """x -> 4 x (1 - x) per sample, state ``(B, 1)``; exponent ln 2."""
 
     def init_state(self, batch_size, device, dtype):
-        g = torch.Generator().manual_seed(0)
-        x0 = 0.05 + 0.9 * torch.rand(batch_size, 1, generator=g, dtype=torch.float64)
+        x0 = 0.05 + 0.9 * per_row(batch_size, (1,), 0, "rand")
         return (x0.to(device=device, dtype=dtype),)
 
     def step(self, x_t, state):
@@ -51,6 +50,47 @@ class LogisticMap:
         return y, (y,)
 
 
+def per_row(batch_size: int, shape, seed: int, kind: str = "randn") -> torch.Tensor:
+    """Row b of the initial state does not depend on the batch size (torch's CPU samplers fill
+    tensors in blocks, so randn(4, n)[:2] need not equal randn(2, n))."""
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.randn if kind == "randn" else torch.rand
+    block = draw(256, *shape, generator=g, dtype=torch.float64)
+    return block[torch.arange(batch_size) % 256]
+
+
 def rotation(theta: float, radius: float):
     c, s = math.cos(theta), math.sin(theta)
     return [[radius * c, -radius * s], [radius * s, radius * c]]
+
+
+class Henon:
+    """(x, y) -> (1 - a x^2 + y, b x); exponents ~0.419 and ln(b) - 0.419."""
+
+    def __init__(self, a: float = 1.4, b: float = 0.3):
+        self.a, self.b = a, b
+
+    def init_state(self, batch_size, device, dtype):
+        x0 = 0.1 * per_row(batch_size, (1,), 1, "rand")
+        return (x0.to(device=device, dtype=dtype), x0.clone().to(device=device, dtype=dtype))
+
+    def step(self, x_t, state):
+        x, y = state
+        return x, (1 - self.a * x * x + y, self.b * x)
+
+
+class TanhRNN:
+    """h -> g W tanh(h), W with N(0, 1/N) entries; state ``(B, N)``."""
+
+    def __init__(self, n: int, g: float, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
+        self.g, self.n = g, n
+
+    def init_state(self, batch_size, device, dtype):
+        return (per_row(batch_size, (self.n,), 2).to(device=device, dtype=dtype),)
+
+    def step(self, x_t, state):
+        (h,) = state
+        h = self.g * torch.tanh(h) @ self.W.T
+        return h, (h,)

@@ -25,12 +25,21 @@ FORMULAS = {
     "mult_linear": lambda l: relu(l) ** 2,
     "mult_squared": lambda l: relu(l) ** 3,
     "mult_log": lambda l: math.log1p(relu(l)) * relu(l),
+    "flossing": lambda l: l ** 2,
 }
 POINTS = [-2.5, -0.6, 0.0, 0.5, 1.0, 2.4, 3.0]
 
 
-def test_there_are_ten_kinds():
-    assert sorted(PENALTY_KINDS) == sorted(FORMULAS)
+def test_the_ten_seed_kinds_and_flossing():
+    assert sorted(PENALTY_KINDS) == sorted(FORMULAS) and len(PENALTY_KINDS) == 11
+
+
+def test_flossing_sums_the_squared_spectrum():
+    spectrum = torch.tensor([0.3, -0.1, -0.5], requires_grad=True)
+    loss = compute_lyap_reg_loss(spectrum, "flossing", 0.0)
+    assert loss.item() == pytest.approx(0.09 + 0.01 + 0.25)
+    loss.backward()
+    assert torch.allclose(spectrum.grad, 2 * spectrum.detach())
 
 
 @pytest.mark.parametrize("kind", sorted(FORMULAS))

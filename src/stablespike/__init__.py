@@ -8,8 +8,10 @@ from .lyapunov import (
     PENALTY_KINDS,
     FiniteDifferenceResult,
     LyapunovRegularizer,
+    TangentResult,
     compute_lyap_reg_loss,
     finite_difference_lyapunov,
+    tangent_spectrum,
 )
 from .models import (
     LyapunovSNN,
@@ -37,7 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "StateSpec", "Stepper", "TwinLayout", "Unrolled", "unroll",
     "PENALTY_KINDS", "FiniteDifferenceResult", "LyapunovRegularizer", "compute_lyap_reg_loss",
-    "finite_difference_lyapunov",
+    "finite_difference_lyapunov", "TangentResult", "tangent_spectrum",
     "LyapunovSNN", "RecurrentLyapunovSNN", "RecurrentSpikingMLP", "SpikingMLP", "SpikingVGG",
     "SpikingVGGBlock", "create_snn",
     "FastSigmoid", "fast_sigmoid",

@@ -11,7 +11,10 @@ import torch
 
 
 def _denominator(u: torch.Tensor, slope: float) -> torch.Tensor:
-    """``(1 + slope |u|)^2``, built in place on one temporary (this runs per neuron per step)."""
+    """``(1 + slope |u|)^2``, built in place on one temporary (this runs per neuron per step),
+    unless autograd records it (a tangent that is itself differentiated, or double backward)."""
+    if torch.is_grad_enabled() and u.requires_grad:
+        return (1.0 + slope * u.abs()) ** 2
     d = torch.abs(u).mul_(slope).add_(1.0)
     return d.mul_(d)
 

@@ -57,6 +57,10 @@ def _mult_log(lam, target, threshold):  # log(1 + relu(lam)) * relu(lam)
     return torch.log1p(pos) * pos
 
 
+def _flossing(lam, target, threshold):  # sum of squared exponents (gradient flossing, Engelken 2023)
+    return (lam ** 2).sum()
+
+
 PENALTIES: Dict[str, Callable] = {
     "squared": _squared,
     "hinge": _hinge,
@@ -68,6 +72,7 @@ PENALTIES: Dict[str, Callable] = {
     "mult_linear": _mult_linear,
     "mult_squared": _mult_squared,
     "mult_log": _mult_log,
+    "flossing": _flossing,  # for a tangent spectrum (k,); on a scalar it is lambda^2
 }
 PENALTY_KINDS = tuple(PENALTIES)
 
@@ -83,7 +88,8 @@ def _check_kind(kind: str) -> Callable:
 
 def compute_lyap_reg_loss(lyap_est: torch.Tensor, reg_type: str, lambda_target: float,
                           lyap_threshold: float = 2.0) -> torch.Tensor:
-    """Seed 002's penalty on an exponent estimate (scalar or any shape; elementwise).
+    """Seed 002's penalty on an exponent estimate (scalar or any shape; elementwise), plus
+    ``flossing``, the sum of squares of a spectrum ``(k,)`` from :func:`tangent_spectrum`.
 
     ``lambda_target`` is used by ``squared`` and ``adaptive_sigmoid``; ``lyap_threshold`` by
     ``extreme``, ``adaptive_*``. An unknown ``reg_type`` raises ValueError listing the valid ones.
