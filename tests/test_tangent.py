@@ -112,3 +112,52 @@ def test_bad_input():
 
     with pytest.raises(TypeError, match="tuple of tensors"):
         tangent_spectrum(NotATuple(), zeros(5, 1))
+
+
+class TwoLayerLinear:
+    """h0 <- 0.5 h0 + x; h1 <- 0.9 h1 + W h0 with W = 3 x orthogonal: layer-to-layer gain ln 3."""
+
+    def __init__(self):
+        q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+        self.W = 3.0 * q
+
+    def init_state(self, batch_size, device, dtype):
+        return (torch.zeros(batch_size, 5, dtype=dtype), torch.zeros(batch_size, 5, dtype=dtype))
+
+    def step(self, x_t, state):
+        h0 = 0.5 * state[0] + x_t
+        h1 = 0.9 * state[1] + h0 @ self.W.T
+        return h1, (h0, h1)
+
+
+def test_depthwise_gain_of_a_known_two_layer_map():
+    from stablespike import depthwise_gain
+    r = depthwise_gain(TwoLayerLinear(), torch.rand(6, 3, 5, dtype=torch.float64))
+    assert torch.allclose(r.per_sample, torch.full((3, 1), math.log(3.0), dtype=torch.float64))
+    assert "nats/layer" in str(r)
+
+
+def test_depthwise_gain_predicts_vanishing_in_a_deep_mlp_with_tiny_weights():
+    from stablespike import depthwise_gain
+    torch.manual_seed(0)
+    healthy, tiny = (SpikingMLP(16, [64] * 6, 2, threshold=0.5) for _ in range(2))
+    with torch.no_grad():
+        for lin in tiny.linears[1:]:
+            lin.weight.mul_(0.05)
+    x = torch.rand(10, 4, 16) * 2
+    assert depthwise_gain(tiny, x).mean < depthwise_gain(healthy, x).mean - 1.0
+
+
+def test_analyze_dynamics_on_the_three_seed_models():
+    from stablespike import RecurrentSpikingMLP, SpikingVGG, analyze_dynamics
+    torch.manual_seed(3)
+    seq = torch.rand(12, 3, 8) * 2
+    for model, x in ((SpikingMLP(8, [16, 16], 2, threshold=0.5), seq),
+                     (RecurrentSpikingMLP(8, [12, 12], 2), seq),
+                     (SpikingVGG(1, 2, base_channels=4, num_stages=2, blocks_per_stage=1, input_size=8).eval(),
+                      torch.rand(4, 2, 1, 8, 8) * 3)):
+        report = analyze_dynamics(model, x, eps=1e-3, k=2, depth=True)
+        assert report.tangent.exponents.shape == (2,) and torch.isfinite(report.tangent.exponents).all()
+        assert math.isfinite(report.depth.mean) and math.isfinite(float(report.finite_difference))
+        text = str(report)
+        assert "finite-size" in text and "tangent" in text and "depth-wise" in text

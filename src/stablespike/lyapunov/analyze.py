@@ -1,0 +1,50 @@
+"""One entry point: the stability quantities of a model on a batch, in one small result."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .depth import DepthGainResult, depthwise_gain
+from .finite_difference import FiniteDifferenceResult, finite_difference_lyapunov
+from .tangent import TangentResult, tangent_spectrum
+
+
+@dataclass
+class DynamicsReport:
+    """Whatever was asked for: ``finite_difference`` (finite-size exponent, depends on eps),
+    ``tangent`` (top-k surrogate-Jacobian spectrum), ``depth`` (layer-to-layer gain)."""
+
+    finite_difference: Optional[FiniteDifferenceResult] = None
+    tangent: Optional[TangentResult] = None
+    depth: Optional[DepthGainResult] = None
+
+    def __str__(self) -> str:
+        parts = [str(p) for p in (self.finite_difference, self.tangent, self.depth) if p is not None]
+        return "\n".join(parts) if parts else "nothing was measured"
+
+
+def analyze_dynamics(stepper, x: torch.Tensor, *, eps: Optional[float] = 1e-4, k: int = 0,
+                     depth: bool = False, t_ons: int = 1, discard: int = 0,
+                     generator: Optional[torch.Generator] = None) -> DynamicsReport:
+    """Measure a stepper (any seed model, or your own) on a time-first batch ``x`` ``(T, B, ...)``.
+
+    ``eps``: finite-difference exponent at that perturbation size (None: skip); ``k``: top-k
+    tangent spectrum (0: skip); ``depth``: depth-wise gain (feedforward depth). No gradients are
+    kept: this is for looking, the estimators themselves are the differentiable loss terms.
+    """
+    report = DynamicsReport()
+    with torch.no_grad():
+        if eps is not None:
+            report.finite_difference = finite_difference_lyapunov(stepper, x, eps=eps, discard=discard,
+                                                                  generator=generator)
+    if k:
+        with torch.enable_grad():  # forward-mode AD; detached below
+            report.tangent = tangent_spectrum(stepper, x, k=k, t_ons=t_ons, discard=discard,
+                                              generator=generator)
+        report.tangent.exponents = report.tangent.exponents.detach()
+        report.tangent.per_sample = report.tangent.per_sample.detach()
+    if depth:
+        report.depth = depthwise_gain(stepper, x, generator=generator)
+    return report
