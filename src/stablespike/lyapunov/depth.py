@@ -29,14 +29,14 @@ class DepthGainResult:
     mean: float
 
     def __str__(self) -> str:
-        gains = ", ".join(f"{float(g):+.3f}" for g in self.per_layer)
+        gains = ", ".join(f"{float(g):+.3f}" for g in self.per_layer.detach())
         return f"depth-wise gain {self.mean:+.4f} nats/layer (layer to layer: [{gains}])"
 
 
 def depthwise_gain(stepper, x: torch.Tensor, *, generator=None) -> DepthGainResult:
     """Layer-to-layer growth of a first-layer perturbation, for a stepper over ``x`` ``(T, B, ...)``."""
     check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
-    T, B = x.shape[0], x.shape[1]
+    B = x.shape[1]
     state = stepper.init_state(B, x.device, x.dtype)
     spec = state_spec_of(stepper, state)
     layers = sorted({s.layer for s in spec if s.continuous})
