@@ -37,6 +37,7 @@ from .profiler import LayerStats, ProfileReport, SpikeProfiler
 from .stability import (StabilityMetrics, StabilityMonitor, analyze_weight_spectrum,
                         compute_spectral_radius)
 from .callbacks import DiagnosticsCallback
+from .init import CalibrationReport, calibrate, fluctuation_init
 
 __version__ = "0.1.0"
 
@@ -53,5 +54,5 @@ __all__ = [
     "FiringRateMonitor", "MembraneMonitor", "GradNormMonitor",
     "Pathology", "Severity", "Thresholds", "LayerStats", "ProfileReport", "SpikeProfiler",
     "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius",
-    "DiagnosticsCallback",
+    "DiagnosticsCallback", "CalibrationReport", "calibrate", "fluctuation_init",
 ]
