@@ -93,3 +93,23 @@ def test_bad_models_and_batches():
         calibrate(nn.Linear(4, 4), torch.rand(2, 4))
     with pytest.raises(ValueError, match="x: expected a non-empty calibration batch"):
         calibrate(SpikingMLP(4, [8], 2), torch.zeros(0, 3, 4))
+
+
+def test_threshold_balancer_moves_rates_toward_the_target():
+    from stablespike.init import ThresholdBalancer
+    torch.manual_seed(5)
+    model = SpikingMLP(32, [64, 64, 64], 2)
+    x = torch.rand(32, 8, 32)
+    start = rates(model, x)
+    balancer = ThresholdBalancer(model, target_rate=0.1, rate_gain=5.0)
+    for _ in range(150):
+        with torch.no_grad():
+            model(x)
+        balancer.step()
+    balancer.close()
+    end = rates(model, x)
+    assert start["lifs.2"] < 0.02  # a nearly silent deep layer at the start
+    for name, rate in end.items():
+        assert abs(rate - 0.1) < 0.01, (name, rate)
+    with pytest.raises(ValueError, match="target_rate"):
+        ThresholdBalancer(model, target_rate=1.0)

@@ -271,3 +271,50 @@ def _threshold(neuron: nn.Module) -> float:
         if value is not None:
             return float(torch.as_tensor(value).mean())
     return 1.0
+
+
+class ThresholdBalancer:
+    """Homeostatic thresholds during training (off unless you use it): after each batch, every
+    neuron layer's threshold moves toward the value that gives ``target_rate``,
+    ``threshold *= exp(rate_gain * (rate - target_rate))`` with ``rate`` the layer's mean firing
+    rate over the batch (a layer firing too much raises its threshold, a silent one lowers it).
+
+    ``balancer = ThresholdBalancer(model); ...; loss.backward(); opt.step(); balancer.step()``.
+    Thresholds stay within ``[min_threshold, max_threshold]``. Rates depend steeply on thresholds:
+    a ``rate_gain`` much above 5 makes them oscillate.
+    """
+
+    def __init__(self, model: nn.Module, target_rate: float = 0.1, rate_gain: float = 2.0,
+                 min_threshold: float = 1e-3, max_threshold: float = 1e3):
+        if not 0.0 < float(target_rate) < 1.0:
+            raise ValueError(f"target_rate: expected a rate in (0, 1), got {target_rate!r}")
+        if not rate_gain > 0:
+            raise ValueError(f"rate_gain: expected a positive number, got {rate_gain!r}")
+        self.target_rate, self.rate_gain = float(target_rate), float(rate_gain)
+        self.bounds = (float(min_threshold), float(max_threshold))
+        self.monitor = FiringRateMonitor(model)
+        self.neurons = {layer.name: layer.module for layer in self.monitor._layers}
+
+    @torch.no_grad()
+    def step(self) -> Dict[str, float]:
+        """Apply one update from the rates seen since the last step; returns the new thresholds."""
+        new = {}
+        for row in self.monitor.table():
+            factor = math.exp(self.rate_gain * (row["mean"] - self.target_rate))
+            neuron = self.neurons[row["layer"]]
+            _scale_threshold(neuron, factor)
+            for name in ("threshold", "v_threshold"):
+                value = getattr(neuron, name, None)
+                if isinstance(value, torch.Tensor):
+                    value.clamp_(*self.bounds)
+                    new[row["layer"]] = float(value.mean())
+                    break
+                if isinstance(value, (int, float)):
+                    setattr(neuron, name, min(max(value, self.bounds[0]), self.bounds[1]))
+                    new[row["layer"]] = float(getattr(neuron, name))
+                    break
+        self.monitor.reset()
+        return new
+
+    def close(self) -> None:
+        self.monitor.close()
