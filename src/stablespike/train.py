@@ -1,0 +1,244 @@
+"""Training with the Lyapunov regularizer: TrainConfig, fit, evaluate, checkpoints and resume.
+
+``fit(model, dataset, config, out_dir)`` trains with AdamW and a cosine schedule (seed 002's
+defaults), adds ``lambda_reg * penalty(lambda)`` when ``config.lyapunov``, measures gradient norms
+(and gradient singular values every ``sv_every`` batches), evaluates every epoch, and with an
+``out_dir`` writes one JSON line per epoch (``metrics.jsonl``), a checkpoint after every epoch
+(``checkpoint.pt``, written atomically, loaded with ``weights_only=True``) so that an interrupted
+run resumes where it stopped, and TensorBoard events when tensorboard is installed. A loss that
+turns NaN/inf marks the run DIVERGED; the history so far is kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset, augment_cifar, encode
+from .lyapunov import LyapunovRegularizer
+from .stability import gradient_norm, _gradient_spectra, _condition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Seed 002's defaults: AdamW (lr 1e-3, weight decay 1e-4), cosine schedule, clipping at 10,
+    lambda_reg 0.3 toward lambda_target -0.1 with eps 1e-4."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 10.0
+    lyapunov: bool = False
+    lambda_reg: float = 0.3
+    lambda_target: float = -0.1
+    lyap_eps: float = 1e-4
+    reg_type: str = "squared"
+    lyap_threshold: float = 2.0
+    warmup_epochs: int = 0
+    lyap_fraction: float = 1.0
+    T: int = 8
+    encoder: str = "direct"
+    augment: bool = False
+    sv_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "T", "sv_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        self.regularizer()  # validates reg_type, weight and warmup
+
+    def regularizer(self) -> LyapunovRegularizer:
+        return LyapunovRegularizer(self.lambda_reg, self.reg_type, self.lambda_target,
+                                   self.lyap_threshold, self.warmup_epochs)
+
+
+@dataclass
+class EpochMetrics:
+    """One epoch, with seed 002's ``TrainingMetrics`` fields."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lyapunov: Optional[float]
+    grad_norm: float
+    grad_max_sv: Optional[float]
+    grad_min_sv: Optional[float]
+    grad_condition: Optional[float]
+    lr: float
+    time_sec: float
+
+
+@dataclass
+class RunResult:
+    history: List[EpochMetrics] = field(default_factory=list)
+    status: str = "OK"  # or "DIVERGED"
+    diverged_epoch: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "diverged_epoch": self.diverged_epoch,
+                "history": [asdict(m) for m in self.history]}
+
+
+def model_input(model: nn.Module, x: torch.Tensor, config: TrainConfig, generator=None) -> torch.Tensor:
+    """What the seed models take: sequence models ``(B, T, D)`` (images flattened and encoded over
+    ``config.T`` steps, or sequences one value per step), image models the images themselves."""
+    if hasattr(model, "input_dim"):  # SpikingMLP / RecurrentSpikingMLP
+        if config.encoder == "sequence":
+            return encode(x, "sequence").transpose(0, 1)  # (L, B, F) -> (B, L, F)
+        flat = x.flatten(1)
+        return encode(flat, config.encoder, config.T, generator).transpose(0, 1)
+    return x
+
+
+def _batches(x, y, batch_size, shuffle, generator):
+    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    for i in range(0, len(x), batch_size):
+        idx = order[i: i + batch_size]
+        yield x[idx], y[idx]
+
+
+def _progress(iterable, enabled: bool, desc: str, total: int):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+    """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for xb, yb in _batches(x, y, config.batch_size, False, None):
+        xb, yb = xb.to(config.device), yb.to(config.device)
+        logits = model(model_input(model, xb, config))[0]
+        total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return total_loss / len(x), correct / len(x)
+
+
+def _save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[str] = None,
+        resume: bool = True, callbacks=()) -> RunResult:
+    """Train ``model`` on ``data``; see the module docstring. Returns the run's history and status."""
+    torch.manual_seed(config.seed)
+    model.to(config.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    gen = torch.Generator().manual_seed(config.seed)
+    reg = config.regularizer()
+    result, start = RunResult(), 1
+    ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    if ckpt and resume and os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        result.history = [EpochMetrics(**m) for m in state["history"]]
+        start = state["epoch"] + 1
+        log.info("resumed from %s at epoch %d", ckpt, start)
+    writer = _tensorboard(out_dir)
+    for cb in callbacks:
+        cb.on_train_begin(model)
+    for epoch in range(start, config.epochs + 1):
+        metrics = _train_epoch(model, data, config, opt, reg, epoch, gen, callbacks)
+        if metrics is None:
+            result.status, result.diverged_epoch = "DIVERGED", epoch
+            log.warning("run diverged at epoch %d (non-finite loss)", epoch)
+            break
+        metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config)
+        sched.step()
+        metrics.lr = sched.get_last_lr()[0]
+        result.history.append(metrics)
+        if out_dir:
+            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(asdict(metrics)) + "\n")
+            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                          "epoch": epoch, "history": [asdict(m) for m in result.history]}, ckpt)
+        if writer is not None:
+            for key, value in asdict(metrics).items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+    for cb in callbacks:
+        cb.on_train_end()
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _tensorboard(out_dir):
+    if not out_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: no event files, nothing else changes
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
+def _train_epoch(model, data, config, opt, reg, epoch, gen, callbacks) -> Optional[EpochMetrics]:
+    model.train()
+    t0, total_loss, correct, seen = time.time(), 0.0, 0, 0
+    lyaps, norms, svs = [], [], []
+    n_batches = math.ceil(len(data.x_train) / config.batch_size)
+    batches = _batches(data.x_train, data.y_train, config.batch_size, True, gen)
+    for i, (xb, yb) in enumerate(_progress(batches, config.progress, f"epoch {epoch}", n_batches)):
+        if config.augment and xb.dim() == 4:
+            xb = augment_cifar(xb, gen)
+        xb, yb = xb.to(config.device), yb.to(config.device)
+        opt.zero_grad(set_to_none=True)
+        kw = {"compute_lyapunov": True, "lyap_eps": config.lyap_eps,
+              "lyap_fraction": config.lyap_fraction} if config.lyapunov else {}
+        logits, lam, _ = model(model_input(model, xb, config, gen), **kw)
+        loss = F.cross_entropy(logits, yb)
+        if lam is not None:
+            loss = loss + reg(lam, epoch)
+            lyaps.append(float(lam.detach()))
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        norms.append(gradient_norm(model))
+        if i % config.sv_every == 0:
+            spectra = _gradient_spectra(model)
+            if spectra:
+                svs.append((float(max(s[0] for s in spectra.values())),
+                            float(min(s[-1] for s in spectra.values())),
+                            float(sum(_condition(s) for s in spectra.values()) / len(spectra))))
+        opt.step()
+        for cb in callbacks:
+            cb.on_batch_end(i, model, loss, lam)
+        total_loss += float(loss.detach()) * len(xb)
+        correct += int((logits.argmax(1) == yb).sum())
+        seen += len(xb)
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    sv = [mean([s[j] for s in svs]) for j in range(3)] if svs else [None] * 3
+    return EpochMetrics(epoch, total_loss / seen, correct / seen, math.nan, math.nan, mean(lyaps),
+                        mean(norms), sv[0], sv[1], sv[2], opt.param_groups[0]["lr"], time.time() - t0)
