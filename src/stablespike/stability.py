@@ -68,12 +68,14 @@ def _gradient_spectra(model: nn.Module) -> Dict[str, np.ndarray]:
 
 
 def _condition(sv: np.ndarray) -> float:
-    return float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    """Seed 000's condition number, largest / (smallest + 1e-12): finite for rank-deficient
+    gradients (dead units give zero singular values), huge instead of inf."""
+    return float(sv[0] / (sv[-1] + 1e-12))
 
 
 def gradient_singular_values(model: nn.Module, top_k: int = 5) -> Dict[str, Tuple[np.ndarray, float]]:
     """Per 2-D weight gradient: its ``top_k`` largest singular values and its condition number
-    (largest / smallest singular value; inf for a rank-deficient gradient)."""
+    (largest / (smallest + 1e-12) singular value, as seed 000)."""
     return {name: (sv[:top_k], _condition(sv)) for name, sv in _gradient_spectra(model).items()}
 
 

@@ -1,0 +1,175 @@
+"""Tables, plots and the Markdown/HTML report of a depth-scaling sweep (rendering only)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+METHODS = ("vanilla", "lyapunov")
+
+
+def _final(run: dict, key: str):
+    if run["status"] != "OK" or not run["history"]:
+        return None
+    value = run["history"][-1][key]
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _stats(values: List) -> Tuple[float, float, int]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v)), len(v)
+
+
+def summarize(results: Dict) -> List[dict]:
+    """One row per depth: mean and spread over seeds of the final test accuracy per method, etc."""
+    depths = sorted({int(d) for m in results.values() for d in m})
+    rows = []
+    for d in depths:
+        row = {"depth": d}
+        for m in METHODS:
+            runs = list(results.get(m, {}).get(str(d), {}).values())
+            acc = [_final(r, "test_acc") for r in runs]
+            row[f"{m}_acc"], row[f"{m}_acc_sd"], row[f"{m}_n"] = _stats(acc)
+            row[f"{m}_failed"] = sum(1 for r in runs if r["status"] != "OK")
+            row[f"{m}_lyap"] = _stats([_final(r, "lyapunov") for r in runs])[0]
+            row[f"{m}_grad"] = _stats([_final(r, "grad_norm") for r in runs])[0]
+            row[f"{m}_cond"] = _stats([_final(r, "grad_condition") for r in runs])[0]
+        rows.append(row)
+    return rows
+
+
+def _pm(mean: float, sd: float, n: int) -> str:
+    return "FAILED" if n == 0 else f"{mean:.3f}±{sd:.3f}"
+
+
+def summary_table(rows: List[dict]) -> str:
+    """Seed 002's summary table, with mean ± spread over seeds."""
+    lines = [f"{'Depth':<6} {'Vanilla Acc':<13} {'Lyapunov Acc':<13} {'Δ Acc':<8} {'Lyap λ':<9} "
+             f"{'Van ∇norm':<10} {'Lyap ∇norm':<10} {'Van κ':<9}"]
+    for r in rows:
+        diff = r["lyapunov_acc"] - r["vanilla_acc"]
+        lines.append(f"{r['depth']:<6} {_pm(r['vanilla_acc'], r['vanilla_acc_sd'], r['vanilla_n']):<13} "
+                     f"{_pm(r['lyapunov_acc'], r['lyapunov_acc_sd'], r['lyapunov_n']):<13} "
+                     f"{diff:<+8.3f} {r['lyapunov_lyap']:<9.3f} {r['vanilla_grad']:<10.2e} "
+                     f"{r['lyapunov_grad']:<10.2e} {r['vanilla_cond']:<9.1e}")
+    return "\n".join(lines)
+
+
+def observations(rows: List[dict]) -> List[str]:
+    """Seed 002's gradient-health analysis and key observations, with the numbers."""
+    notes = []
+    for r in rows:
+        cond = r["vanilla_cond"]
+        if cond > 1e6:
+            notes.append(f"Depth {r['depth']}: vanilla has ill-conditioned gradients (κ = {cond:.1e} > 1e6)")
+        elif cond > 1e4:
+            notes.append(f"Depth {r['depth']}: vanilla has moderately ill-conditioned gradients (κ = {cond:.1e})")
+        for m in METHODS:
+            if r[f"{m}_failed"]:
+                notes.append(f"Depth {r['depth']}: {r[f'{m}_failed']} {m} run(s) diverged")
+    if len(rows) >= 2:
+        lo, hi = rows[0], rows[-1]
+        van = hi["vanilla_acc"] - lo["vanilla_acc"]
+        lyap = hi["lyapunov_acc"] - lo["lyapunov_acc"]
+        notes.append(f"Vanilla {lo['depth']}→{hi['depth']} layers: {van:+.3f} accuracy change")
+        notes.append(f"Lyapunov {lo['depth']}→{hi['depth']} layers: {lyap:+.3f} accuracy change")
+        if lyap > van + 0.02:
+            notes.append("Lyapunov regularization scales better with depth here")
+        elif lyap > van:
+            notes.append("Lyapunov shows a slight improvement in depth scaling (within 0.02)")
+        else:
+            notes.append("No benefit from Lyapunov regularization on this data set and depth range")
+    return notes
+
+
+def _png(fig) -> bytes:
+    import io
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plots(results: Dict, rows: List[dict]) -> Dict[str, bytes]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = {}
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for m, color in zip(METHODS, ("#4c72b0", "#dd8452")):
+        d = [r["depth"] for r in rows if r[f"{m}_n"]]
+        ax.errorbar(d, [r[f"{m}_acc"] for r in rows if r[f"{m}_n"]],
+                    yerr=[r[f"{m}_acc_sd"] for r in rows if r[f"{m}_n"]], marker="o", capsize=3, label=m, color=color)
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("test accuracy vs depth (mean ± sd over seeds)", fontsize=10)
+    ax.legend()
+    out["accuracy_vs_depth.png"] = _png(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for m, style in zip(METHODS, ("-", "--")):
+        for d, runs in sorted(results.get(m, {}).items(), key=lambda kv: int(kv[0])):
+            run = next(iter(runs.values()))
+            ep = [h["epoch"] for h in run["history"]]
+            if m == "lyapunov":
+                axes[0].plot(ep, [h["lyapunov"] for h in run["history"]], style, label=f"depth {d}")
+            axes[1].semilogy(ep, [h["grad_norm"] for h in run["history"]], style, label=f"{m} d{d}")
+    axes[0].set_title("Lyapunov exponent over epochs (lyapunov runs)", fontsize=10)
+    axes[1].set_title("gradient norm over epochs", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    out["dynamics_over_epochs.png"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for m, style in zip(METHODS, ("-o", "--s")):
+        for d, runs in sorted(results.get(m, {}).items(), key=lambda kv: int(kv[0])):
+            rates = next(iter(runs.values())).get("layer_rates")
+            if rates:
+                ax.plot(range(1, len(rates) + 1), list(rates.values()), style, label=f"{m} d{d}", markersize=3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("firing rate (test)")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_title("per-layer firing rate after training", fontsize=10)
+    ax.legend(fontsize=7)
+    out["layer_rates.png"] = _png(fig)
+    return out
+
+
+def write_report(run_dir: str) -> str:
+    """Re-render the tables, plots, ``report.md`` and ``report.html`` of a sweep directory; returns
+    the text summary."""
+    path = os.path.join(run_dir, "results_seeds.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"RUN_DIR: no results_seeds.json in {run_dir!r}; is it a sweep directory?")
+    with open(path) as f:
+        results = json.load(f)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    rows = summarize(results)
+    table, notes = summary_table(rows), observations(rows)
+    images = plots(results, rows)
+    for name, data in images.items():
+        with open(os.path.join(run_dir, name), "wb") as f:
+            f.write(data)
+    seeds = ", ".join(str(s) for s in config["seeds"])
+    head = (f"Depth scaling on {config['dataset']} with the spiking {config['model'].upper()} "
+            f"(width {config['width']}, T={config['train']['T']}, {config['train']['epochs']} epochs, "
+            f"seeds {seeds}, reg {config['train']['reg_type']})")
+    md = [f"# {head}", "", "```", table, "```", "", "## Observations", ""] + [f"- {n}" for n in notes] + [""]
+    md += [f"![{n}]({n})" for n in images]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    imgs = "".join(f"<img alt='{n}' src='data:image/png;base64,{base64.b64encode(b).decode()}'><br>"
+                   for n, b in images.items())
+    notes_html = "".join(f"<li>{n}</li>" for n in notes)
+    with open(os.path.join(run_dir, "report.html"), "w", encoding="utf-8") as f:
+        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>depth scaling</title></head>"
+                f"<body style='font-family:sans-serif;margin:2em'><h1>{head}</h1><pre>{table}</pre>"
+                f"<h2>Observations</h2><ul>{notes_html}</ul>{imgs}</body></html>")
+    return f"{head}\n{table}\n" + "\n".join(notes)
