@@ -30,6 +30,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+	$(VENV)/bin/stablespike bench depth-scaling --preset quick --no-progress --out_dir runs/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/lyapunov_overhead.py

@@ -1,0 +1,84 @@
+"""The depth-scaling sweep: resume after a kill, divergence recorded, report, CLI errors."""
+import json
+import os
+
+import pytest
+import torch
+
+import stablespike.bench.depth_scaling as ds
+from stablespike.bench import SweepConfig, run_sweep
+from stablespike.bench.report import write_report
+from stablespike.cli import main
+from stablespike.train import TrainConfig
+
+
+def small(**kw):
+    return SweepConfig(dataset="digits", depths=[1, 2], seeds=[0], width=32,
+                       train=TrainConfig(epochs=1, batch_size=128, T=4, progress=False), **kw)
+
+
+def test_a_killed_sweep_resumes_without_recomputing_or_corrupting(tmp_path, monkeypatch):
+    calls = []
+    real_fit = ds.fit
+
+    def fit_then_die(*args, **kwargs):
+        calls.append(kwargs.get("resume"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second run
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(ds, "fit", fit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(small(), str(tmp_path))
+    first = (tmp_path / "runs" / "vanilla_d1_s0.json").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())  # valid JSON after the kill
+    assert list(results["vanilla"]) == ["1"] and results["lyapunov"] == {}
+    calls.clear()
+    monkeypatch.setattr(ds, "fit", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    by_seed = run_sweep(small(), str(tmp_path), resume=True)
+    assert len(calls) == 3  # 4 runs in all, the finished one not recomputed
+    assert (tmp_path / "runs" / "vanilla_d1_s0.json").read_text() == first
+    assert sorted(by_seed["lyapunov"]) == ["1", "2"]
+    seed_format = json.loads((tmp_path / "results.json").read_text())
+    assert set(seed_format["vanilla"]["2"][0]) >= {"epoch", "train_loss", "test_acc", "lyapunov", "grad_norm"}
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    real_build = ds.build_model
+
+    def build(cfg, depth, data):
+        model = real_build(cfg, depth, data)
+        if depth == 1:
+            with torch.no_grad():
+                model.readout.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(ds, "build_model", build)
+    by_seed = run_sweep(small(), str(tmp_path))
+    assert by_seed["vanilla"]["1"]["0"]["status"] == "DIVERGED"
+    assert by_seed["vanilla"]["2"]["0"]["status"] == "OK"
+    text = write_report(str(tmp_path))
+    assert "FAILED" in text and "diverged" in text
+    for name in ("report.md", "report.html", "accuracy_vs_depth.png", "layer_rates.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "depth-scaling", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["bench", "depth-scaling", "--reg_type", "l3"], "invalid choice: 'l3'"),
+    (["bench", "depth-scaling", "--depths", "0", "2"], "expected an integer >= 1"),
+])
+def test_cli_rejects_bad_arguments_with_exit_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_cli_runs_a_tiny_sweep_and_rerenders_its_report(tmp_path, capsys):
+    assert main(["bench", "depth-scaling", "--depths", "1", "--epochs", "1", "--width", "16", "--T", "3",
+                 "--batch_size", "256", "--no-progress", "--out_dir", str(tmp_path), "--resume"]) == 0
+    assert "results, plots and report in" in capsys.readouterr().out
+    assert main(["report", str(tmp_path)]) == 0
+    assert "Depth scaling on digits" in capsys.readouterr().out
