@@ -82,3 +82,12 @@ def test_cli_runs_a_tiny_sweep_and_rerenders_its_report(tmp_path, capsys):
     assert "results, plots and report in" in capsys.readouterr().out
     assert main(["report", str(tmp_path)]) == 0
     assert "Depth scaling on digits" in capsys.readouterr().out
+
+
+def test_the_vgg_family_runs_in_the_sweep(tmp_path):
+    cfg = SweepConfig(dataset="digits", model="vgg", depths=[1], seeds=[0],
+                      train=TrainConfig(epochs=1, batch_size=256, T=2, progress=False))
+    by_seed = run_sweep(cfg, str(tmp_path))
+    run = by_seed["lyapunov"]["1"]["0"]
+    assert run["status"] == "OK" and run["history"][0]["lyapunov"] is not None
+    assert list(run["layer_rates"]) == ["stages.0.0.lif"]

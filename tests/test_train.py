@@ -78,3 +78,9 @@ def test_bad_config():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="reg_type"):
         TrainConfig(reg_type="l3")
+
+
+def test_a_huge_learning_rate_is_recorded_as_diverged(digits):
+    torch.manual_seed(3)
+    result = fit(SpikingMLP(64, [32], 10), digits, config(epochs=2, batch_size=256, T=3, lr=1e30))
+    assert result.status == "DIVERGED" and result.diverged_epoch == 1
