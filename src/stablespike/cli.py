@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lambda_target", type=float, default=-0.1)
     d.add_argument("--reg_type", choices=PENALTY_KINDS, default="squared")
     d.add_argument("--warmup_epochs", type=int, default=0)
-    d.add_argument("--stable_init", action="store_true")
+    d.add_argument("--stable_init", action="store_true", help="seed 002's flag: the same as --init stable")
+    d.add_argument("--init", choices=("default", "stable", "calibrated", "fluctuation"), default="default",
+                   help="calibrated: every layer fires at --target_rate before training")
+    d.add_argument("--target_rate", type=float, default=0.1)
     d.add_argument("--lyap_threshold", type=float, default=2.0)
     d.add_argument("--lyap_eps", type=float, default=1e-4)
     d.add_argument("--lyap_fraction", type=float, default=1.0)
@@ -83,7 +86,8 @@ def _sweep_config(args):
                         progress=not args.no_progress, seed=seeds[0])
     return SweepConfig(dataset=pick("dataset", "digits"), model=pick("model", "mlp"),
                        depths=pick("depths", [2, 4]), seeds=seeds, width=pick("width", 128),
-                       stable_init=args.stable_init, data_dir=args.data_dir, train=train)
+                       stable_init=args.stable_init, init=args.init, target_rate=args.target_rate,
+                       data_dir=args.data_dir, train=train)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

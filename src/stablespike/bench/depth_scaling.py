@@ -25,6 +25,7 @@ from ..train import TrainConfig, fit, model_input
 
 log = logging.getLogger(__name__)
 METHODS = ("vanilla", "lyapunov")
+INITS = ("default", "stable", "calibrated", "fluctuation")
 
 
 @dataclass
@@ -35,6 +36,8 @@ class SweepConfig:
     seeds: List[int] = field(default_factory=lambda: [0])
     width: int = 128
     stable_init: bool = False
+    init: str = "default"  # default | stable | calibrated | fluctuation
+    target_rate: float = 0.1
     data_dir: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -43,6 +46,10 @@ class SweepConfig:
             raise ValueError(f"model: expected 'mlp' or 'vgg', got {self.model!r}")
         if not self.depths or any(int(d) < 1 for d in self.depths):
             raise ValueError(f"depths: expected depths >= 1, got {self.depths!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        if self.stable_init:  # seed 002's flag is an alias of init="stable"
+            self.init = "stable"
 
 
 def vgg_stages(depth: int):
@@ -53,12 +60,20 @@ def vgg_stages(depth: int):
 def build_model(cfg: SweepConfig, depth: int, data) -> torch.nn.Module:
     if cfg.model == "mlp":
         in_dim = 1 if cfg.train.encoder == "sequence" else int(torch.tensor(data.input_shape).prod())
-        return SpikingMLP(in_dim, [cfg.width] * depth, data.num_classes)
-    if data.kind != "image":
-        raise ValueError(f"model: the VGG needs images, {data.name} is a {data.kind} data set")
-    stages, blocks = vgg_stages(depth)
-    return SpikingVGG.for_input(data.input_shape, num_classes=data.num_classes, num_stages=stages,
-                                blocks_per_stage=blocks, T=cfg.train.T, stable_init=cfg.stable_init)
+        model = SpikingMLP(in_dim, [cfg.width] * depth, data.num_classes)
+    else:
+        if data.kind != "image":
+            raise ValueError(f"model: the VGG needs images, {data.name} is a {data.kind} data set")
+        stages, blocks = vgg_stages(depth)
+        model = SpikingVGG.for_input(data.input_shape, num_classes=data.num_classes, num_stages=stages,
+                                     blocks_per_stage=blocks, T=cfg.train.T, stable_init=cfg.init == "stable")
+    if cfg.init in ("calibrated", "fluctuation"):
+        from ..init import calibrate, fluctuation_init
+        batch = model_input(model, data.x_train[:256], cfg.train)  # a fixed calibration batch
+        report = (calibrate(model, batch, target_rate=cfg.target_rate) if cfg.init == "calibrated"
+                  else fluctuation_init(model, batch, target_rate=cfg.target_rate))
+        log.info("%s init:\n%s", cfg.init, report)
+    return model
 
 
 def _write_json(obj, path: str) -> None:

@@ -158,9 +158,11 @@ def write_report(run_dir: str) -> str:
         with open(os.path.join(run_dir, name), "wb") as f:
             f.write(data)
     seeds = ", ".join(str(s) for s in config["seeds"])
+    steps = ("sequence input, one value per step" if config["train"]["encoder"] == "sequence"
+             else f"T={config['train']['T']}")
     head = (f"Depth scaling on {config['dataset']} with the spiking {config['model'].upper()} "
-            f"(width {config['width']}, T={config['train']['T']}, {config['train']['epochs']} epochs, "
-            f"seeds {seeds}, reg {config['train']['reg_type']})")
+            f"(width {config['width']}, {steps}, {config['train']['epochs']} epochs, seeds {seeds}, "
+            f"reg {config['train']['reg_type']}, init {config.get('init', 'default')})")
     md = [f"# {head}", "", "```", table, "```", "", "## Observations", ""] + [f"- {n}" for n in notes] + [""]
     md += [f"![{n}]({n})" for n in images]
     with open(os.path.join(run_dir, "report.md"), "w") as f:
