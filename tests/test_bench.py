@@ -46,8 +46,8 @@ def test_a_killed_sweep_resumes_without_recomputing_or_corrupting(tmp_path, monk
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     real_build = ds.build_model
 
-    def build(cfg, depth, data):
-        model = real_build(cfg, depth, data)
+    def build(cfg, depth, data, init=None):
+        model = real_build(cfg, depth, data, init)
         if depth == 1:
             with torch.no_grad():
                 model.readout.weight.fill_(float("nan"))
@@ -91,3 +91,14 @@ def test_the_vgg_family_runs_in_the_sweep(tmp_path):
     run = by_seed["lyapunov"]["1"]["0"]
     assert run["status"] == "OK" and run["history"][0]["lyapunov"] is not None
     assert list(run["layer_rates"]) == ["stages.0.0.lif"]
+
+
+def test_inits_side_by_side_with_the_profilers_verdict(tmp_path):
+    cfg = SweepConfig(dataset="digits", depths=[1, 8], seeds=[0], width=32, inits=["default", "calibrated"],
+                      train=TrainConfig(epochs=1, batch_size=256, T=4, progress=False))
+    by_seed = run_sweep(cfg, str(tmp_path))
+    assert list(by_seed) == ["vanilla", "lyapunov", "calibrated", "calibrated+lyapunov"]
+    deep_default = by_seed["vanilla"]["8"]["0"]
+    assert any("silent_layer" in f for f in deep_default["verdict"]["findings"])
+    text = write_report(str(tmp_path))
+    assert "calibrated+lyapunov Acc" in text and "failing run vanilla depth 8" in text

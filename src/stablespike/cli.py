@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stable_init", action="store_true", help="seed 002's flag: the same as --init stable")
     d.add_argument("--init", choices=("default", "stable", "calibrated", "fluctuation"), default="default",
                    help="calibrated: every layer fires at --target_rate before training")
+    d.add_argument("--inits", nargs="+", choices=("default", "stable", "calibrated", "fluctuation"),
+                   help="several inits side by side, e.g. --inits default calibrated: vanilla, lyapunov, "
+                        "calibrated, calibrated+lyapunov in one report")
     d.add_argument("--target_rate", type=float, default=0.1)
     d.add_argument("--lyap_threshold", type=float, default=2.0)
     d.add_argument("--lyap_eps", type=float, default=1e-4)
@@ -86,7 +89,8 @@ def _sweep_config(args):
                         progress=not args.no_progress, seed=seeds[0])
     return SweepConfig(dataset=pick("dataset", "digits"), model=pick("model", "mlp"),
                        depths=pick("depths", [2, 4]), seeds=seeds, width=pick("width", 128),
-                       stable_init=args.stable_init, init=args.init, target_rate=args.target_rate,
+                       stable_init=args.stable_init, init=args.init, inits=args.inits,
+                       target_rate=args.target_rate,
                        data_dir=args.data_dir, train=train)
 
 

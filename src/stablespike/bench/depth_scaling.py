@@ -37,6 +37,7 @@ class SweepConfig:
     width: int = 128
     stable_init: bool = False
     init: str = "default"  # default | stable | calibrated | fluctuation
+    inits: Optional[List[str]] = None  # several inits side by side; default: [init]
     target_rate: float = 0.1
     data_dir: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -46,10 +47,22 @@ class SweepConfig:
             raise ValueError(f"model: expected 'mlp' or 'vgg', got {self.model!r}")
         if not self.depths or any(int(d) < 1 for d in self.depths):
             raise ValueError(f"depths: expected depths >= 1, got {self.depths!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
         if self.stable_init:  # seed 002's flag is an alias of init="stable"
             self.init = "stable"
+        self.inits = list(self.inits or [self.init])
+        for init in self.inits:
+            if init not in INITS:
+                raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
+
+    def variants(self):
+        """(name, init, method) of every run kind: 'vanilla', 'lyapunov', 'calibrated',
+        'calibrated+lyapunov', ..."""
+        out = []
+        for init in self.inits:
+            for method in METHODS:
+                name = method if init == "default" else (init if method == "vanilla" else f"{init}+{method}")
+                out.append((name, init, method))
+        return out
 
 
 def vgg_stages(depth: int):
@@ -57,7 +70,8 @@ def vgg_stages(depth: int):
     return (depth, 1) if depth <= 4 else (4, depth // 4)
 
 
-def build_model(cfg: SweepConfig, depth: int, data) -> torch.nn.Module:
+def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None) -> torch.nn.Module:
+    init = init or cfg.inits[0]
     if cfg.model == "mlp":
         in_dim = 1 if cfg.train.encoder == "sequence" else int(torch.tensor(data.input_shape).prod())
         model = SpikingMLP(in_dim, [cfg.width] * depth, data.num_classes)
@@ -66,13 +80,13 @@ def build_model(cfg: SweepConfig, depth: int, data) -> torch.nn.Module:
             raise ValueError(f"model: the VGG needs images, {data.name} is a {data.kind} data set")
         stages, blocks = vgg_stages(depth)
         model = SpikingVGG.for_input(data.input_shape, num_classes=data.num_classes, num_stages=stages,
-                                     blocks_per_stage=blocks, T=cfg.train.T, stable_init=cfg.init == "stable")
-    if cfg.init in ("calibrated", "fluctuation"):
+                                     blocks_per_stage=blocks, T=cfg.train.T, stable_init=init == "stable")
+    if init in ("calibrated", "fluctuation"):
         from ..init import calibrate, fluctuation_init
         batch = model_input(model, data.x_train[:256], cfg.train)  # a fixed calibration batch
-        report = (calibrate(model, batch, target_rate=cfg.target_rate) if cfg.init == "calibrated"
+        report = (calibrate(model, batch, target_rate=cfg.target_rate) if init == "calibrated"
                   else fluctuation_init(model, batch, target_rate=cfg.target_rate))
-        log.info("%s init:\n%s", cfg.init, report)
+        log.info("%s init:\n%s", init, report)
     return model
 
 
@@ -98,21 +112,22 @@ def run_sweep(cfg: SweepConfig, out_dir: str, resume: bool = False) -> Dict:
     config = {**asdict(cfg), "train": asdict(cfg.train)}
     _write_json(config, os.path.join(out_dir, "config.json"))
     for depth in cfg.depths:
-        for method in METHODS:
+        for variant, init, method in cfg.variants():
             for seed in cfg.seeds:
-                name = f"{method}_d{depth}_s{seed}"
+                name = f"{variant}_d{depth}_s{seed}"
                 done = os.path.join(out_dir, "runs", name + ".json")
                 if resume and os.path.exists(done):
                     log.info("%s: done already, skipped", name)
                     continue
                 torch.manual_seed(seed)
-                model = build_model(cfg, depth, data)
+                model = build_model(cfg, depth, data, init)
                 train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": seed, "lyapunov": method == "lyapunov"})
                 result = fit(model, data, train_cfg, os.path.join(out_dir, "runs", name), resume=resume)
-                record = {**result.to_dict(), "method": method, "depth": depth, "seed": seed,
-                          "params": sum(p.numel() for p in model.parameters())}
+                record = {**result.to_dict(), "variant": variant, "method": method, "init": init,
+                          "depth": depth, "seed": seed, "params": sum(p.numel() for p in model.parameters())}
                 if result.status == "OK":
                     record["layer_rates"] = layer_rates(model, data, train_cfg)
+                    record["verdict"] = verdict(model, data, train_cfg)
                 _write_json(record, done)
                 log.info("%s: %s, test acc %s", name, result.status,
                          f"{result.history[-1].test_acc:.3f}" if result.history else "-")
@@ -121,17 +136,32 @@ def run_sweep(cfg: SweepConfig, out_dir: str, resume: bool = False) -> Dict:
 
 
 def _write_results(cfg: SweepConfig, out_dir: str) -> Dict:
-    by_seed: Dict = {m: {} for m in METHODS}
+    by_seed: Dict = {name: {} for name, _, _ in cfg.variants()}
     for depth in cfg.depths:
-        for method in METHODS:
+        for name, _, _ in cfg.variants():
             for seed in cfg.seeds:
-                path = os.path.join(out_dir, "runs", f"{method}_d{depth}_s{seed}.json")
+                path = os.path.join(out_dir, "runs", f"{name}_d{depth}_s{seed}.json")
                 if os.path.exists(path):
                     with open(path) as f:
-                        by_seed[method].setdefault(str(depth), {})[str(seed)] = json.load(f)
+                        by_seed[name].setdefault(str(depth), {})[str(seed)] = json.load(f)
     first = str(cfg.seeds[0])
     seed_format = {m: {d: runs[first]["history"] for d, runs in depths.items() if first in runs}
                    for m, depths in by_seed.items()}
     _write_json(seed_format, os.path.join(out_dir, "results.json"))
     _write_json(by_seed, os.path.join(out_dir, "results_seeds.json"))
     return by_seed
+
+
+def verdict(model, data, cfg: TrainConfig, n: int = 128) -> Dict:
+    """The profiler's health score and findings after training, on one test batch (forward and
+    backward), so that a failing run says why."""
+    from ..profiler import SpikeProfiler
+    import torch.nn.functional as F
+    model.train()
+    x, y = data.x_test[:n].to(cfg.device), data.y_test[:n].to(cfg.device)
+    with SpikeProfiler().attach(model) as profiler:
+        F.cross_entropy(model(model_input(model, x, cfg))[0], y).backward()
+    model.zero_grad(set_to_none=True)
+    report = profiler.report()
+    return {"health_score": report.health_score,
+            "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies]}

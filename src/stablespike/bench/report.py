@@ -9,7 +9,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-METHODS = ("vanilla", "lyapunov")
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
 
 def _final(run: dict, key: str):
@@ -27,13 +27,14 @@ def _stats(values: List) -> Tuple[float, float, int]:
 
 
 def summarize(results: Dict) -> List[dict]:
-    """One row per depth: mean and spread over seeds of the final test accuracy per method, etc."""
+    """One row per depth: per variant (vanilla, lyapunov, calibrated, ...), mean and spread over
+    seeds of the final test accuracy, and the exponent, gradient norm and condition number."""
     depths = sorted({int(d) for m in results.values() for d in m})
     rows = []
     for d in depths:
         row = {"depth": d}
-        for m in METHODS:
-            runs = list(results.get(m, {}).get(str(d), {}).values())
+        for m in results:
+            runs = list(results[m].get(str(d), {}).values())
             acc = [_final(r, "test_acc") for r in runs]
             row[f"{m}_acc"], row[f"{m}_acc_sd"], row[f"{m}_n"] = _stats(acc)
             row[f"{m}_failed"] = sum(1 for r in runs if r["status"] != "OK")
@@ -48,20 +49,26 @@ def _pm(mean: float, sd: float, n: int) -> str:
     return "FAILED" if n == 0 else f"{mean:.3f}±{sd:.3f}"
 
 
-def summary_table(rows: List[dict]) -> str:
-    """Seed 002's summary table, with mean ± spread over seeds."""
-    lines = [f"{'Depth':<6} {'Vanilla Acc':<13} {'Lyapunov Acc':<13} {'Δ Acc':<8} {'Lyap λ':<9} "
-             f"{'Van ∇norm':<10} {'Lyap ∇norm':<10} {'Van κ':<9}"]
+def summary_table(rows: List[dict], variants: List[str]) -> str:
+    """Seed 002's summary table (mean ± spread over seeds), plus one accuracy column per further
+    variant (e.g. calibrated, calibrated+lyapunov)."""
+    extra = [v for v in variants if v not in ("vanilla", "lyapunov")]
+    head = (f"{'Depth':<6} {'Vanilla Acc':<13} {'Lyapunov Acc':<13} {'Δ Acc':<8} {'Lyap λ':<9} "
+            f"{'Van ∇norm':<10} {'Lyap ∇norm':<10} {'Van κ':<9}") + "".join(f" {v + ' Acc':<22}" for v in extra)
+    lines = [head]
     for r in rows:
-        diff = r["lyapunov_acc"] - r["vanilla_acc"]
-        lines.append(f"{r['depth']:<6} {_pm(r['vanilla_acc'], r['vanilla_acc_sd'], r['vanilla_n']):<13} "
-                     f"{_pm(r['lyapunov_acc'], r['lyapunov_acc_sd'], r['lyapunov_n']):<13} "
-                     f"{diff:<+8.3f} {r['lyapunov_lyap']:<9.3f} {r['vanilla_grad']:<10.2e} "
-                     f"{r['lyapunov_grad']:<10.2e} {r['vanilla_cond']:<9.1e}")
+        get = lambda k: r.get(k, math.nan)  # noqa: E731
+        diff = get("lyapunov_acc") - get("vanilla_acc")
+        line = (f"{r['depth']:<6} {_pm(get('vanilla_acc'), get('vanilla_acc_sd'), r.get('vanilla_n', 0)):<13} "
+                f"{_pm(get('lyapunov_acc'), get('lyapunov_acc_sd'), r.get('lyapunov_n', 0)):<13} "
+                f"{diff:<+8.3f} {get('lyapunov_lyap'):<9.3f} {get('vanilla_grad'):<10.2e} "
+                f"{get('lyapunov_grad'):<10.2e} {get('vanilla_cond'):<9.1e}")
+        line += "".join(f" {_pm(r[v + '_acc'], r[v + '_acc_sd'], r[v + '_n']):<22}" for v in extra)
+        lines.append(line)
     return "\n".join(lines)
 
 
-def observations(rows: List[dict]) -> List[str]:
+def observations(rows: List[dict], variants: List[str]) -> List[str]:
     """Seed 002's gradient-health analysis and key observations, with the numbers."""
     notes = []
     for r in rows:
@@ -70,21 +77,38 @@ def observations(rows: List[dict]) -> List[str]:
             notes.append(f"Depth {r['depth']}: vanilla has ill-conditioned gradients (κ = {cond:.1e} > 1e6)")
         elif cond > 1e4:
             notes.append(f"Depth {r['depth']}: vanilla has moderately ill-conditioned gradients (κ = {cond:.1e})")
-        for m in METHODS:
+        for m in variants:
             if r[f"{m}_failed"]:
                 notes.append(f"Depth {r['depth']}: {r[f'{m}_failed']} {m} run(s) diverged")
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
-        van = hi["vanilla_acc"] - lo["vanilla_acc"]
-        lyap = hi["lyapunov_acc"] - lo["lyapunov_acc"]
-        notes.append(f"Vanilla {lo['depth']}→{hi['depth']} layers: {van:+.3f} accuracy change")
-        notes.append(f"Lyapunov {lo['depth']}→{hi['depth']} layers: {lyap:+.3f} accuracy change")
+        van = hi.get("vanilla_acc", math.nan) - lo.get("vanilla_acc", math.nan)
+        lyap = hi.get("lyapunov_acc", math.nan) - lo.get("lyapunov_acc", math.nan)
+        for v in variants:
+            notes.append(f"{v} {lo['depth']}→{hi['depth']} layers: {hi[v + '_acc'] - lo[v + '_acc']:+.3f} accuracy change")
         if lyap > van + 0.02:
             notes.append("Lyapunov regularization scales better with depth here")
         elif lyap > van:
             notes.append("Lyapunov shows a slight improvement in depth scaling (within 0.02)")
         else:
             notes.append("No benefit from Lyapunov regularization on this data set and depth range")
+    return notes
+
+
+def failing_verdicts(results: Dict, below: float = 0.2) -> List[str]:
+    """The profiler's verdict on each run that ended below ``below`` test accuracy (or diverged)."""
+    notes = []
+    for variant, depths in results.items():
+        for depth, runs in sorted(depths.items(), key=lambda kv: int(kv[0])):
+            for seed, run in runs.items():
+                acc = _final(run, "test_acc")
+                if acc is not None and acc >= below:
+                    continue
+                v = run.get("verdict")
+                found = "; ".join(sorted(set(v["findings"]))[:4]) if v else "no profile (diverged)"
+                score = f"health {v['health_score']:.0f}/100: " if v else ""
+                notes.append(f"failing run {variant} depth {depth} seed {seed} (acc "
+                             f"{'-' if acc is None else f'{acc:.3f}'}): {score}{found}")
     return notes
 
 
@@ -103,7 +127,7 @@ def plots(results: Dict, rows: List[dict]) -> Dict[str, bytes]:
     import matplotlib.pyplot as plt
     out = {}
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m, color in zip(METHODS, ("#4c72b0", "#dd8452")):
+    for m, color in zip(results, COLORS):
         d = [r["depth"] for r in rows if r[f"{m}_n"]]
         ax.errorbar(d, [r[f"{m}_acc"] for r in rows if r[f"{m}_n"]],
                     yerr=[r[f"{m}_acc_sd"] for r in rows if r[f"{m}_n"]], marker="o", capsize=3, label=m, color=color)
@@ -113,21 +137,21 @@ def plots(results: Dict, rows: List[dict]) -> Dict[str, bytes]:
     ax.legend()
     out["accuracy_vs_depth.png"] = _png(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for m, style in zip(METHODS, ("-", "--")):
+    for m, style in zip(results, ("-", "--", "-.", ":", "-", "--")):
         for d, runs in sorted(results.get(m, {}).items(), key=lambda kv: int(kv[0])):
             run = next(iter(runs.values()))
             ep = [h["epoch"] for h in run["history"]]
-            if m == "lyapunov":
-                axes[0].plot(ep, [h["lyapunov"] for h in run["history"]], style, label=f"depth {d}")
+            if m.endswith("lyapunov"):
+                axes[0].plot(ep, [h["lyapunov"] for h in run["history"]], style, label=f"{m} d{d}")
             axes[1].semilogy(ep, [h["grad_norm"] for h in run["history"]], style, label=f"{m} d{d}")
-    axes[0].set_title("Lyapunov exponent over epochs (lyapunov runs)", fontsize=10)
+    axes[0].set_title("Lyapunov exponent over epochs (regularized runs)", fontsize=10)
     axes[1].set_title("gradient norm over epochs", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     out["dynamics_over_epochs.png"] = _png(fig)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for m, style in zip(METHODS, ("-o", "--s")):
+    for m, style in zip(results, ("-o", "--s", "-^", ":v", "-d", "--x")):
         for d, runs in sorted(results.get(m, {}).items(), key=lambda kv: int(kv[0])):
             rates = next(iter(runs.values())).get("layer_rates")
             if rates:
@@ -152,7 +176,9 @@ def write_report(run_dir: str) -> str:
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     rows = summarize(results)
-    table, notes = summary_table(rows), observations(rows)
+    variants = list(results)
+    table, notes = summary_table(rows, variants), observations(rows, variants)
+    notes += failing_verdicts(results)
     images = plots(results, rows)
     for name, data in images.items():
         with open(os.path.join(run_dir, name), "wb") as f:
