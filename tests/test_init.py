@@ -113,3 +113,18 @@ def test_threshold_balancer_moves_rates_toward_the_target():
         assert abs(rate - 0.1) < 0.01, (name, rate)
     with pytest.raises(ValueError, match="target_rate"):
         ThresholdBalancer(model, target_rate=1.0)
+
+
+def test_threshold_balancer_as_a_training_callback():
+    from stablespike.data import load_dataset
+    from stablespike.init import ThresholdBalancer
+    from stablespike.train import TrainConfig, fit
+    torch.manual_seed(6)
+    model = SpikingMLP(64, [64] * 6, 10)
+    data = load_dataset("digits")
+    before = rates(model, data.x_test[:64].flatten(1).unsqueeze(1).expand(64, 8, 64))
+    fit(model, data, TrainConfig(epochs=1, batch_size=64, T=8, progress=False),
+        callbacks=[ThresholdBalancer(model, target_rate=0.1, rate_gain=2.0)])
+    after = rates(model, data.x_test[:64].flatten(1).unsqueeze(1).expand(64, 8, 64))
+    assert before["lifs.5"] < 0.01 < after["lifs.5"]  # the deepest layer woke up during training
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())

@@ -279,7 +279,8 @@ class ThresholdBalancer:
     ``threshold *= exp(rate_gain * (rate - target_rate))`` with ``rate`` the layer's mean firing
     rate over the batch (a layer firing too much raises its threshold, a silent one lowers it).
 
-    ``balancer = ThresholdBalancer(model); ...; loss.backward(); opt.step(); balancer.step()``.
+    ``balancer = ThresholdBalancer(model); ...; loss.backward(); opt.step(); balancer.step()``,
+    or ``fit(model, data, config, callbacks=[ThresholdBalancer(model)])``.
     Thresholds stay within ``[min_threshold, max_threshold]``. Rates depend steeply on thresholds:
     a ``rate_gain`` much above 5 makes them oscillate.
     """
@@ -318,3 +319,13 @@ class ThresholdBalancer:
 
     def close(self) -> None:
         self.monitor.close()
+
+    # the training-callback protocol of stablespike.train.fit: fit(..., callbacks=[balancer])
+    def on_train_begin(self, model: nn.Module) -> None:
+        pass
+
+    def on_batch_end(self, step: int, model: nn.Module, loss=None, lyapunov=None) -> None:
+        self.step()
+
+    def on_train_end(self) -> None:
+        self.close()
