@@ -141,18 +141,25 @@ def _scale_current(module: nn.Module, factor: float) -> None:
         module.bias.mul_(factor)
 
 
-@torch.no_grad()
-def _scale_threshold(neuron: nn.Module, factor: float) -> None:
+def _threshold_attr(neuron: nn.Module) -> str:
+    """The name of the neuron's threshold: snnTorch ``threshold``, spikingjelly ``v_threshold``."""
     for name in ("threshold", "v_threshold"):
-        value = getattr(neuron, name, None)
-        if isinstance(value, torch.Tensor):
-            value.mul_(factor)
-            return
-        if isinstance(value, (int, float)):
-            setattr(neuron, name, value * factor)
-            return
+        if isinstance(getattr(neuron, name, None), (torch.Tensor, int, float)):
+            return name
     raise ValueError(f"mode: threshold calibration needs a 'threshold' or 'v_threshold' on "
                      f"{type(neuron).__name__}")
+
+
+@torch.no_grad()
+def _scale_threshold(neuron: nn.Module, factor: float, bounds=(0.0, math.inf)) -> float:
+    """Multiply the threshold by ``factor`` (clamped to ``bounds``); returns its new mean."""
+    name = _threshold_attr(neuron)
+    value = getattr(neuron, name)
+    if isinstance(value, torch.Tensor):
+        value.mul_(factor).clamp_(*bounds)
+        return float(value.mean())
+    setattr(neuron, name, min(max(value * factor, bounds[0]), bounds[1]))
+    return float(getattr(neuron, name))
 
 
 def calibrate(model: nn.Module, x: torch.Tensor, *, target_rate: float = 0.1, tolerance: float = 0.02,
@@ -266,11 +273,10 @@ def _decay(neuron: nn.Module) -> float:
 
 
 def _threshold(neuron: nn.Module) -> float:
-    for name in ("threshold", "v_threshold"):
-        value = getattr(neuron, name, None)
-        if value is not None:
-            return float(torch.as_tensor(value).mean())
-    return 1.0
+    try:
+        return float(torch.as_tensor(getattr(neuron, _threshold_attr(neuron))).mean())
+    except ValueError:
+        return 1.0
 
 
 class ThresholdBalancer:
@@ -302,18 +308,7 @@ class ThresholdBalancer:
         new = {}
         for row in self.monitor.table():
             factor = math.exp(self.rate_gain * (row["mean"] - self.target_rate))
-            neuron = self.neurons[row["layer"]]
-            _scale_threshold(neuron, factor)
-            for name in ("threshold", "v_threshold"):
-                value = getattr(neuron, name, None)
-                if isinstance(value, torch.Tensor):
-                    value.clamp_(*self.bounds)
-                    new[row["layer"]] = float(value.mean())
-                    break
-                if isinstance(value, (int, float)):
-                    setattr(neuron, name, min(max(value, self.bounds[0]), self.bounds[1]))
-                    new[row["layer"]] = float(getattr(neuron, name))
-                    break
+            new[row["layer"]] = _scale_threshold(self.neurons[row["layer"]], factor, self.bounds)
         self.monitor.reset()
         return new
 

@@ -174,8 +174,9 @@ class SpikeProfiler:
         self._monitors.clear()
 
     def _flush_passes(self) -> None:
-        for monitor in self._monitors:  # the steps and the backward pass still held by the hooks
-            monitor.flush()
+        for monitor in self._monitors:  # the backward pass still summed in the gradient hooks
+            if isinstance(monitor, _ProfilerGradHooks):
+                monitor.flush()
 
     close = detach
 
@@ -284,9 +285,6 @@ class _ProfilerHooks(BaseMonitor):
             v = nominal_rows(v)
             rec.membrane.update(v, multi)
             rec.voltage_steps += v.shape[0] if multi else 1
-
-    def flush(self) -> None:
-        """Nothing is held: every step is reduced in the hook."""
 
 
 class _ProfilerGradHooks(_GradMonitor):
