@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 from .data import DATASETS, ENCODERS
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out_dir", default="runs/depth_scaling")
     d.add_argument("--device", default="cpu")
     d.add_argument("--resume", action="store_true", help="finish the sweep in --out_dir (needs --out_dir)")
+    d.add_argument("--jobs", type=_positive_int, default=1,
+                   help="independent runs at once in separate processes on this machine")
     d.add_argument("--no-progress", action="store_true")
     r = sub.add_parser("report", help="re-render the report of a sweep directory")
     r.add_argument("run_dir")
@@ -95,20 +98,27 @@ def _sweep_config(args):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Under torchrun every rank runs this; rank 0 alone logs progress, writes and prints."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .bench import run_sweep
     from .bench.report import write_report
+    from .distributed import broadcast_from_main, setup
     try:
+        ranks = setup(getattr(args, "device", "cpu"))
+        logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR, format="%(message)s")
+        if not ranks.is_main:  # rank 0 shows the same warnings once
+            warnings.simplefilter("ignore")
         if args.command == "report":
             print(write_report(args.run_dir))
             return 0
         cfg = _sweep_config(args)
         out_dir = args.out_dir if args.resume else os.path.join(args.out_dir, f"{cfg.dataset}_{time.strftime('%Y%m%d-%H%M%S')}")
-        run_sweep(cfg, out_dir, resume=args.resume)
-        print(write_report(out_dir))
-        print(f"\nresults, plots and report in {out_dir}/ (report.md, report.html)")
+        out_dir = broadcast_from_main(out_dir)  # the clocks of the ranks may be a second apart
+        run_sweep(cfg, out_dir, resume=args.resume, jobs=args.jobs)
+        if ranks.is_main:
+            print(write_report(out_dir))
+            print(f"\nresults, plots and report in {out_dir}/ (report.md, report.html)")
         return 0
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.error(str(err).splitlines()[0])  # one line on stderr, exit code 2

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import merge_across_ranks, should_sync
 from .dynamics import nominal_rows
 from .monitor import BaseMonitor, _GradMonitor, _identity
 from .neurons import InstanceSpec, Layer, NeuronRegistry
@@ -111,6 +112,15 @@ class _LayerRecord:
         self.voltage_steps = 0
         self.warned_nonbinary = False
 
+    def merge(self, other: "_LayerRecord") -> "_LayerRecord":
+        """Another share of the same steps (another rank's samples): counts add up; the number
+        of recorded voltage steps is the longest of the two, since the steps are the same."""
+        self.rate.merge(other.rate)
+        self.membrane.merge(other.membrane)
+        self.grad.merge(other.grad)
+        self.voltage_steps = max(self.voltage_steps, other.voltage_steps)
+        return self
+
 
 class SpikeProfiler:
     """Records spiking layers and reports pathologies with severities and fixes.
@@ -192,19 +202,23 @@ class SpikeProfiler:
         self._layers.clear()
 
     # --- reporting -------------------------------------------------------------------------------
-    def report(self) -> ProfileReport:
+    def report(self, sync: Optional[bool] = None) -> ProfileReport:
+        """Statistics and pathologies of everything recorded so far. ``sync``: merge all ranks'
+        records first (a collective: every rank calls it); by default under torchrun with more
+        than one rank, so that the report covers the whole data, not one rank's share."""
         self._flush_passes()
+        layers = merge_across_ranks(self._layers) if should_sync(sync) else self._layers
         th, stats, found = self.thresholds, {}, []
-        for name, rec in self._layers.items():
+        for name, rec in layers.items():
             if not rec.rate.has_data():
                 continue
             stats[name] = s = _layer_stats(name, rec, th)
             found += activity_rules(name, s.firing_rates, s.voltage_std, s.voltage_steps, th)
-        found += self._gradient_pathologies()
+        found += self._gradient_pathologies(layers)
         return ProfileReport(stats, found, th)
 
-    def _gradient_pathologies(self) -> List[Pathology]:
-        with_grads = [(n, r.grad) for n, r in self._layers.items() if r.grad.has_data()]
+    def _gradient_pathologies(self, layers: Dict[str, _LayerRecord]) -> List[Pathology]:
+        with_grads = [(n, r.grad) for n, r in layers.items() if r.grad.has_data()]
         if not with_grads:
             return []
         found = []

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .distributed import merge_across_ranks, should_sync
 from .dynamics import nominal_rows
 from .monitor import BaseMonitor, _GradMonitor, _identity
 from .neurons import InstanceSpec, Layer, NeuronRegistry
@@ -23,9 +24,15 @@ class _StreamingMixin:
 
     stats: Dict[str, object]
 
-    def compute(self) -> Dict[str, object]:
-        """``{layer name: accumulator.compute()}`` for the layers that saw data."""
-        return {name: s.compute() for name, s in self.stats.items() if s.has_data()}
+    def compute(self, sync: Optional[bool] = None) -> Dict[str, object]:
+        """``{layer name: accumulator.compute()}`` for the layers that saw data.
+
+        ``sync``: merge the accumulators of all ranks first (a collective: every rank calls it);
+        by default when running under torchrun with more than one rank. This rank's own
+        accumulators are left as they are.
+        """
+        stats = merge_across_ranks(self.stats) if should_sync(sync) else self.stats
+        return {name: s.compute() for name, s in stats.items() if s.has_data()}
 
     def reset(self) -> None:
         for s in self.stats.values():
@@ -69,22 +76,23 @@ class FiringRateMonitor(_StreamingMixin, BaseMonitor):
         spikes = nominal_rows(layer.adapter.spikes(layer.module, output))
         self.stats[layer.name].update(spikes, layer.adapter.multistep(layer.module, output))
 
-    def rates(self) -> Dict[str, torch.Tensor]:
-        """``{layer name: per-neuron rates}``."""
-        return self.compute()
+    def rates(self, sync: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+        """``{layer name: per-neuron rates}`` (``sync`` as in :meth:`compute`)."""
+        return self.compute(sync)
 
-    def table(self) -> List[Dict[str, float]]:
-        """One row per layer: name, neurons, mean / min / max rate, fraction of silent neurons."""
+    def table(self, sync: Optional[bool] = None) -> List[Dict[str, float]]:
+        """One row per layer: name, neurons, mean / min / max rate, fraction of silent neurons
+        (``sync`` as in :meth:`compute`)."""
         rows = []
-        for name, rate in self.compute().items():
+        for name, rate in self.compute(sync).items():
             rows.append({"layer": name, "neurons": rate.numel(), "mean": float(rate.mean()),
                          "min": float(rate.min()), "max": float(rate.max()),
                          "silent_fraction": float((rate == 0).double().mean())})
         return rows
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # this rank's table: printing must never wait on other ranks
         lines = [f"{'layer':<24} {'neurons':>8} {'mean rate':>10} {'min':>8} {'max':>8} {'silent':>7}"]
-        for r in self.table():
+        for r in self.table(sync=False):
             lines.append(f"{r['layer']:<24} {r['neurons']:>8} {r['mean']:>10.4f} {r['min']:>8.4f} "
                          f"{r['max']:>8.4f} {r['silent_fraction']:>7.1%}")
         return "\n".join(lines)

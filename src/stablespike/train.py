@@ -18,11 +18,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from .data import Dataset, augment_cifar, encode
+from .distributed import (Ranks, any_rank, broadcast_from_main, check_batch_size, current,
+                          data_parallel, mean_across_ranks, setup, sum_across_ranks)
 from .lyapunov import LyapunovRegularizer
 from .stability import gradient_norm, _gradient_spectra, _condition
 
@@ -108,11 +112,26 @@ def model_input(model: nn.Module, x: torch.Tensor, config: TrainConfig, generato
     return x
 
 
-def _batches(x, y, batch_size, shuffle, generator):
-    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
-    for i in range(0, len(x), batch_size):
-        idx = order[i: i + batch_size]
-        yield x[idx], y[idx]
+def _index_batches(indices: torch.Tensor, batch_size: int):
+    for i in range(0, len(indices), batch_size):
+        yield indices[i: i + batch_size]
+
+
+def _epoch_order(n: int, config: TrainConfig, epoch: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's sample indices for ``epoch``: torch's DistributedSampler, reshuffled every
+    epoch from ``(config.seed, epoch)``, so every rank draws from the same permutation and the
+    ranks' shares are disjoint (padded to equal length, so every rank takes as many steps)."""
+    sampler = DistributedSampler(range(n), num_replicas=ranks.world_size, rank=ranks.rank,
+                                 shuffle=True, seed=config.seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
+
+
+def _epoch_generator(config: TrainConfig, epoch: int, ranks: Ranks) -> torch.Generator:
+    """Random encoding and augmentation noise of one epoch on one rank, seeded from
+    ``(seed, epoch, rank)``: a resumed run draws exactly what the uninterrupted one drew."""
+    seed = int(np.random.SeedSequence([config.seed, epoch, ranks.rank]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int):
@@ -124,14 +143,18 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
-    """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode."""
+    """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode. Under torchrun each rank
+    evaluates its share and the totals are summed (a collective: every rank calls it)."""
     model.eval()
+    ranks = current(config.device)
+    mine = torch.arange(len(x))[ranks.shard(len(x))]
     total_loss, correct = 0.0, 0
-    for xb, yb in _batches(x, y, config.batch_size, False, None):
-        xb, yb = xb.to(config.device), yb.to(config.device)
+    for idx in _index_batches(mine, config.batch_size):
+        xb, yb = x[idx].to(ranks.device), y[idx].to(ranks.device)
         logits = model(model_input(model, xb, config))[0]
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
+    total_loss, correct = sum_across_ranks([total_loss, correct])
     return total_loss / len(x), correct / len(x)
 
 
@@ -143,31 +166,39 @@ def _save_atomic(obj, path: str) -> None:
 
 def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[str] = None,
         resume: bool = True, callbacks=()) -> RunResult:
-    """Train ``model`` on ``data``; see the module docstring. Returns the run's history and status."""
-    torch.manual_seed(config.seed)
-    model.to(config.device)
+    """Train ``model`` on ``data``; see the module docstring. Returns the run's history and status.
+
+    Under ``torchrun`` (more than one rank) the model is wrapped in DistributedDataParallel, each
+    rank takes ``config.batch_size / world size`` samples per step from a DistributedSampler, the
+    Lyapunov estimate in the loss is the mean over all ranks' samples, and only rank 0 writes.
+    """
+    ranks = setup(config.device)
+    local_batch = check_batch_size(config.batch_size, ranks)
+    torch.manual_seed(config.seed + ranks.rank)  # dropout masks: independent across ranks
+    model.to(ranks.device)
+    net = data_parallel(model, ranks)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    gen = torch.Generator().manual_seed(config.seed)
     reg = config.regularizer()
     result, start = RunResult(), 1
+    writes = bool(out_dir) and ranks.is_main
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if out_dir:
+    if writes:
         os.makedirs(out_dir, exist_ok=True)
-    if ckpt and resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=True)
+    # rank 0 reads the checkpoint and hands it to all: one state even without a shared disk
+    state = broadcast_from_main(_load_checkpoint(ckpt) if writes and resume else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
         result.history = [EpochMetrics(**m) for m in state["history"]]
         start = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", ckpt, start)
-    writer = _tensorboard(out_dir)
+    writer = _tensorboard(out_dir) if writes else None
     for cb in callbacks:
         cb.on_train_begin(model)
     for epoch in range(start, config.epochs + 1):
-        metrics = _train_epoch(model, data, config, opt, reg, epoch, gen, callbacks)
+        metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks)
         if metrics is None:
             result.status, result.diverged_epoch = "DIVERGED", epoch
             log.warning("run diverged at epoch %d (non-finite loss)", epoch)
@@ -176,12 +207,12 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
         sched.step()
         metrics.lr = sched.get_last_lr()[0]
         result.history.append(metrics)
-        if out_dir:
+        if writes:
             with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(asdict(metrics)) + "\n")
             _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                          "epoch": epoch, "history": [asdict(m) for m in result.history]}, ckpt)
+                          "scheduler": sched.state_dict(), "epoch": epoch,
+                          "history": [asdict(m) for m in result.history]}, ckpt)
         if writer is not None:
             for key, value in asdict(metrics).items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -191,6 +222,12 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     if writer is not None:
         writer.close()
     return result
+
+
+def _load_checkpoint(path: Optional[str]) -> Optional[dict]:
+    if not path or not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _tensorboard(out_dir):
@@ -203,25 +240,31 @@ def _tensorboard(out_dir):
     return SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
 
-def _train_epoch(model, data, config, opt, reg, epoch, gen, callbacks) -> Optional[EpochMetrics]:
+def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
+                 callbacks) -> Optional[EpochMetrics]:
+    """One epoch; ``net`` is ``model`` or its DDP wrapper. None if the loss became non-finite."""
     model.train()
     t0, total_loss, correct, seen = time.time(), 0.0, 0, 0
     lyaps, norms, svs = [], [], []
-    n_batches = math.ceil(len(data.x_train) / config.batch_size)
-    batches = _batches(data.x_train, data.y_train, config.batch_size, True, gen)
-    for i, (xb, yb) in enumerate(_progress(batches, config.progress, f"epoch {epoch}", n_batches)):
+    gen = _epoch_generator(config, epoch, ranks)
+    order = _epoch_order(len(data.x_train), config, epoch, ranks)
+    n_batches = math.ceil(len(order) / local_batch)
+    batches = _index_batches(order, local_batch)
+    for i, idx in enumerate(_progress(batches, config.progress and ranks.is_main, f"epoch {epoch}", n_batches)):
+        xb, yb = data.x_train[idx], data.y_train[idx]
         if config.augment and xb.dim() == 4:
             xb = augment_cifar(xb, gen)
-        xb, yb = xb.to(config.device), yb.to(config.device)
+        xb, yb = xb.to(ranks.device), yb.to(ranks.device)
         opt.zero_grad(set_to_none=True)
         kw = {"compute_lyapunov": True, "lyap_eps": config.lyap_eps,
               "lyap_fraction": config.lyap_fraction} if config.lyapunov else {}
-        logits, lam, _ = model(model_input(model, xb, config, gen), **kw)
+        logits, lam, _ = net(model_input(model, xb, config, gen), **kw)
         loss = F.cross_entropy(logits, yb)
         if lam is not None:
+            lam = mean_across_ranks(lam)  # every rank's samples, as one process would see them
             loss = loss + reg(lam, epoch)
             lyaps.append(float(lam.detach()))
-        if not torch.isfinite(loss):
+        if any_rank(not torch.isfinite(loss)):
             return None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -238,6 +281,7 @@ def _train_epoch(model, data, config, opt, reg, epoch, gen, callbacks) -> Option
         total_loss += float(loss.detach()) * len(xb)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(xb)
+    total_loss, correct, seen = sum_across_ranks([total_loss, correct, seen])
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     sv = [mean([s[j] for s in svs]) for j in range(3)] if svs else [None] * 3
     return EpochMetrics(epoch, total_loss / seen, correct / seen, math.nan, math.nan, mean(lyaps),

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
 
 import torch
 
 from ..data import load_dataset
+from ..distributed import broadcast_from_main, current, setup
 from ..models import SpikingMLP, SpikingVGG
 from ..streaming import FiringRateMonitor
 from ..train import TrainConfig, fit, model_input
@@ -98,41 +99,116 @@ def _write_json(obj, path: str) -> None:
 
 
 def layer_rates(model, data, cfg: TrainConfig, n: int = 256) -> Dict[str, float]:
-    """Mean firing rate per neuron layer on the first ``n`` test samples."""
+    """Mean firing rate per neuron layer on the first ``n`` test samples (under torchrun each
+    rank takes its share and the counts are merged: the same table as one process)."""
     model.eval()
+    ranks = current(cfg.device)
+    x = data.x_test[:n][ranks.shard(min(n, len(data.x_test)))]
     with FiringRateMonitor(model) as monitor, torch.no_grad():
-        model(model_input(model, data.x_test[:n].to(cfg.device), cfg))
+        model(model_input(model, x.to(ranks.device), cfg))
     return {row["layer"]: row["mean"] for row in monitor.table()}
 
 
-def run_sweep(cfg: SweepConfig, out_dir: str, resume: bool = False) -> Dict:
-    """Run (or finish) the sweep into ``out_dir``; returns ``results_seeds`` (see module doc)."""
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seeds[0])
-    config = {**asdict(cfg), "train": asdict(cfg.train)}
-    _write_json(config, os.path.join(out_dir, "config.json"))
-    for depth in cfg.depths:
-        for variant, init, method in cfg.variants():
-            for seed in cfg.seeds:
-                name = f"{variant}_d{depth}_s{seed}"
-                done = os.path.join(out_dir, "runs", name + ".json")
-                if resume and os.path.exists(done):
-                    log.info("%s: done already, skipped", name)
-                    continue
-                torch.manual_seed(seed)
-                model = build_model(cfg, depth, data, init)
-                train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": seed, "lyapunov": method == "lyapunov"})
-                result = fit(model, data, train_cfg, os.path.join(out_dir, "runs", name), resume=resume)
-                record = {**result.to_dict(), "variant": variant, "method": method, "init": init,
-                          "depth": depth, "seed": seed, "params": sum(p.numel() for p in model.parameters())}
-                if result.status == "OK":
-                    record["layer_rates"] = layer_rates(model, data, train_cfg)
-                    record["verdict"] = verdict(model, data, train_cfg)
-                _write_json(record, done)
-                log.info("%s: %s, test acc %s", name, result.status,
-                         f"{result.history[-1].test_acc:.3f}" if result.history else "-")
+@dataclass(frozen=True)
+class RunKey:
+    """One run of the sweep: a depth, a variant (init and method) and a seed."""
+
+    depth: int
+    variant: str
+    init: str
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_d{self.depth}_s{self.seed}"
+
+
+def run_keys(cfg: SweepConfig) -> List[RunKey]:
+    return [RunKey(depth, variant, init, method, seed) for depth in cfg.depths
+            for variant, init, method in cfg.variants() for seed in cfg.seeds]
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str, resume: bool = False, jobs: int = 1) -> Dict:
+    """Run (or finish) the sweep into ``out_dir``; returns ``results_seeds`` (see module doc).
+
+    ``jobs > 1`` runs that many runs at once in separate processes (one machine, the cores
+    shared between them); under torchrun every rank takes part in every run instead.
+    """
+    ranks = setup(cfg.train.device)
+    if int(jobs) != jobs or jobs < 1:
+        raise ValueError(f"jobs: expected an integer >= 1, got {jobs!r}")
+    if jobs > 1 and ranks.distributed:
+        raise ValueError(f"jobs: expected 1 under torchrun (the {ranks.world_size} ranks already "
+                         f"share each run), got {jobs}")
+    if ranks.is_main:
+        os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+        _write_json({**asdict(cfg), "train": asdict(cfg.train)}, os.path.join(out_dir, "config.json"))
+    done = [key for key in run_keys(cfg) if resume and os.path.exists(_run_path(out_dir, key))]
+    done = set(broadcast_from_main(done))  # rank 0's disk decides: all ranks run the same runs
+    for key in done:
+        log.info("%s: done already, skipped", key.name)
+    pending = [key for key in run_keys(cfg) if key not in done]
+    if jobs == 1:
+        data = _dataset(cfg)
+        for key in pending:
+            run_one(cfg, out_dir, key, resume, data)
+            if ranks.is_main:
                 _write_results(cfg, out_dir)
-    return _write_results(cfg, out_dir)
+    else:
+        _run_parallel(cfg, out_dir, pending, resume, jobs)
+    return broadcast_from_main(_write_results(cfg, out_dir) if ranks.is_main else None)
+
+
+def _run_path(out_dir: str, key: RunKey) -> str:
+    return os.path.join(out_dir, "runs", key.name + ".json")
+
+
+def _dataset(cfg: SweepConfig):
+    return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seeds[0])
+
+
+def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, data=None) -> Dict:
+    """Train one run of the sweep and (on rank 0) write its record atomically; returns it."""
+    data = data if data is not None else _dataset(cfg)
+    torch.manual_seed(key.seed)
+    model = build_model(cfg, key.depth, data, key.init)
+    train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": key.seed, "lyapunov": key.method == "lyapunov"})
+    result = fit(model, data, train_cfg, os.path.join(out_dir, "runs", key.name), resume=resume)
+    record = {**result.to_dict(), "variant": key.variant, "method": key.method, "init": key.init,
+              "depth": key.depth, "seed": key.seed, "params": sum(p.numel() for p in model.parameters())}
+    if result.status == "OK":
+        record["layer_rates"] = layer_rates(model, data, train_cfg)
+        record["verdict"] = verdict(model, data, train_cfg)
+    if current().is_main:
+        _write_json(record, _run_path(out_dir, key))
+    log.info("%s: %s, test acc %s", key.name, result.status,
+             f"{result.history[-1].test_acc:.3f}" if result.history else "-")
+    return record
+
+
+def _run_parallel(cfg: SweepConfig, out_dir: str, keys: List[RunKey], resume: bool, jobs: int) -> None:
+    """``jobs`` worker processes (spawned: no forked torch thread pools), each with its share of
+    the cores; each finished run is on disk before the summary files are rewritten."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    quiet = replace(cfg, train=replace(cfg.train, progress=False))  # no interleaved bars
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_one, quiet, out_dir, key, resume): key for key in keys}
+        try:
+            for future in as_completed(futures):
+                future.result()
+                _write_results(cfg, out_dir)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 def _write_results(cfg: SweepConfig, out_dir: str) -> Dict:
@@ -144,7 +220,7 @@ def _write_results(cfg: SweepConfig, out_dir: str) -> Dict:
                 if os.path.exists(path):
                     with open(path) as f:
                         by_seed[name].setdefault(str(depth), {})[str(seed)] = json.load(f)
-    first = str(cfg.seeds[0])
+    first = str(cfg.seeds[0])  # seed 002's results.json holds one seed
     seed_format = {m: {d: runs[first]["history"] for d, runs in depths.items() if first in runs}
                    for m, depths in by_seed.items()}
     _write_json(seed_format, os.path.join(out_dir, "results.json"))
@@ -158,7 +234,9 @@ def verdict(model, data, cfg: TrainConfig, n: int = 128) -> Dict:
     from ..profiler import SpikeProfiler
     import torch.nn.functional as F
     model.train()
-    x, y = data.x_test[:n].to(cfg.device), data.y_test[:n].to(cfg.device)
+    ranks = current(cfg.device)  # under torchrun: each rank its share, the report merged
+    share = ranks.shard(min(n, len(data.x_test)))
+    x, y = data.x_test[:n][share].to(ranks.device), data.y_test[:n][share].to(ranks.device)
     with SpikeProfiler().attach(model) as profiler:
         F.cross_entropy(model(model_input(model, x, cfg))[0], y).backward()
     model.zero_grad(set_to_none=True)
