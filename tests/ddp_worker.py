@@ -5,7 +5,7 @@ Writes into ``<out>/rank<r>/``: the final weights of each run (``run<i>.pt``), t
 estimate of each training batch on this rank before the all-reduce (``local_lyap``), the files
 the sweep wrote from this rank (``written``), the gradient of a penalty on the mean over ranks
 (``penalty_grad``) and the error a batch of 63 gives (``bad_batch``)
-and what a resumed run did (``resume``).
+what a resumed run did (``resume``) and the profiler's merged report (``profile``).
 """
 import json
 import os
@@ -20,7 +20,8 @@ from stablespike import distributed
 from stablespike.bench import SweepConfig, run_sweep
 from stablespike.data import load_dataset
 from stablespike.models import SpikingMLP
-from stablespike.train import TrainConfig
+from stablespike.profiler import SpikeProfiler
+from stablespike.train import TrainConfig, model_input
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -80,6 +81,15 @@ except ValueError as err:
 cfg = SweepConfig(dataset="digits", depths=[2], seeds=[0], width=32,
                   train=TrainConfig(epochs=2, batch_size=64, T=4, lyap_eps=1e-3, progress=False))
 run_sweep(cfg, os.path.join(out, "sweep"))
+# the profiler on the trained Lyapunov run: each rank its share of 256 test samples, merged report
+profiled = models[1].eval()
+share = load_dataset("digits").x_test[:256][rank::2]
+with SpikeProfiler().attach(profiled) as profiler, torch.no_grad():
+    profiled(model_input(profiled, share, cfg.train))
+report = profiler.report()
+seen["profile"] = report.to_dict()
+seen["profile_rates"] = {n: s.firing_rates.tolist() for n, s in report.layer_stats.items()}
+
 # resume: a 1-epoch run continued to 2 epochs; rank 0 reads the checkpoint and hands it to rank 1
 digits, resumed = load_dataset("digits"), os.path.join(out, "resume")
 small = dict(batch_size=64, T=4, progress=False)

@@ -14,7 +14,8 @@ from stablespike.bench import SweepConfig, run_sweep
 from stablespike.bench.depth_scaling import build_model, layer_rates
 from stablespike.data import load_dataset
 from stablespike.models import SpikingMLP
-from stablespike.train import TrainConfig, fit
+from stablespike.profiler import SpikeProfiler
+from stablespike.train import TrainConfig, fit, model_input
 
 HERE = os.path.dirname(__file__)
 
@@ -85,6 +86,26 @@ def test_the_merged_firing_rate_table_equals_one_process_on_the_same_samples(two
     for name, rate in alone.items():
         assert record["layer_rates"][name] == pytest.approx(rate, abs=1e-9)
     assert 0 < max(alone.values())  # a table of zeros would match trivially
+
+
+def test_the_merged_profiler_report_equals_one_process_on_the_same_samples(two_ranks):
+    out, seen = two_ranks
+    cfg = SweepConfig(dataset="digits", depths=[2], seeds=[0], width=32,
+                      train=TrainConfig(epochs=1, batch_size=64, T=4, progress=False))
+    data = load_dataset("digits")
+    model = build_model(cfg, 2, data).eval()
+    model.load_state_dict(torch.load(out / "rank0" / "run1.pt"))
+    with SpikeProfiler().attach(model) as profiler, torch.no_grad():
+        model(model_input(model, data.x_test[:256], cfg.train))
+    alone = profiler.report()
+    for s in seen:  # every rank holds the merged report
+        assert s["profile"]["pathologies"] == alone.to_dict()["pathologies"]
+        for name, stats in alone.layer_stats.items():
+            merged = s["profile"]["layers"][name]
+            assert merged["steps"] == stats.steps and merged["dead_neuron_count"] == stats.dead_neuron_count
+            assert merged["voltage_mean"] == pytest.approx(stats.voltage_mean, abs=1e-9)
+            assert merged["voltage_std"] == pytest.approx(stats.voltage_std, rel=1e-9)
+            assert s["profile_rates"][name] == pytest.approx(stats.firing_rates.tolist(), abs=1e-12)
 
 
 def test_only_rank_zero_writes(two_ranks):
