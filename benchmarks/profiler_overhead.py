@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stablespike import SpikeProfiler, SpikingMLP
-from _timing import time_interleaved
+from _timing import time_paired
 
 T, B = 25, 64
 
@@ -38,18 +38,19 @@ def make_step(model, x, y):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--reps", type=int, default=61)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     x, y = torch.rand(B, T, 784), torch.randint(0, 10, (B,))
     plain, profiled = build(), build()
     profiler = SpikeProfiler().attach(profiled)
     steps = {"no profiler": make_step(plain, x, y), "SpikeProfiler.attach": make_step(profiled, x, y)}
-    med = time_interleaved(steps, args.warmup, args.reps)
+    med, ratio = time_paired(steps, "no profiler", args.warmup, args.reps)
     print(f"training step of a 784-512-512-512-10 LIF MLP, T={T}, B={B}; median of {args.reps} "
           f"interleaved reps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, t in med.items():
-        print(f"  {name:<22} {1e3 * t:8.1f} ms   {t / med['no profiler']:5.3f}x")
+        print(f"  {name:<22} {1e3 * t:8.1f} ms   {ratio[name]:5.3f}x (median of paired ratios; "
+              f"ratio of medians {t / med['no profiler']:.3f}x)")
     report = profiler.report()
     print(f"  (the profiler saw {len(report.layer_stats)} layers over "
           f"{report.layer_stats['lifs.0'].steps} steps x samples; health {report.health_score:.0f}/100)")

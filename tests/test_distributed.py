@@ -103,8 +103,9 @@ def test_the_merged_profiler_report_equals_one_process_on_the_same_samples(two_r
         for name, stats in alone.layer_stats.items():
             merged = s["profile"]["layers"][name]
             assert merged["steps"] == stats.steps and merged["dead_neuron_count"] == stats.dead_neuron_count
-            assert merged["voltage_mean"] == pytest.approx(stats.voltage_mean, abs=1e-9)
-            assert merged["voltage_std"] == pytest.approx(stats.voltage_std, rel=1e-9)
+            # membrane moments are summed over the batch in float32: equal up to its rounding
+            assert merged["voltage_mean"] == pytest.approx(stats.voltage_mean, rel=1e-6)
+            assert merged["voltage_std"] == pytest.approx(stats.voltage_std, rel=1e-6)
             assert s["profile_rates"][name] == pytest.approx(stats.firing_rates.tolist(), abs=1e-12)
 
 

@@ -172,3 +172,24 @@ def test_bad_input_names_the_layer():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         profiler.record_step("fine", np.array([[0, 1, 1]]))  # integer 0/1: no warning
+
+
+def test_attached_gradient_norms_per_pass_and_their_sampled_estimate():
+    """Oracle: GradInputMonitor (checked against spikingjelly's) records the gradient reaching
+    each neuron's input at every step; a pass's norm is the root of the summed squares."""
+    torch.manual_seed(0)
+    model = ss.SpikingMLP(16, [32, 32], 4, threshold=0.3)
+    x = torch.rand(8, 24, 16) * 3
+    with ss.GradInputMonitor(model, function_on_grad_input=lambda g: float(g.pow(2).sum())) as oracle, \
+            SpikeProfiler().attach(model, grad_every=1) as every, \
+            SpikeProfiler().attach(model, grad_every=4) as sampled:
+        model(x)[0].sum().backward()
+    exact, estimate = every.report().layer_stats, sampled.report().layer_stats
+    for name in ("lifs.0", "lifs.1"):
+        truth = float(np.sqrt(sum(oracle[name])))
+        assert len(oracle[name]) == 24
+        assert exact[name].grad_norm_mean == pytest.approx(truth, rel=1e-6)
+        assert estimate[name].grad_norm_mean == pytest.approx(truth, rel=0.3)
+        assert estimate[name].grad_norm_mean != pytest.approx(truth, rel=1e-6)  # it did sample
+    with pytest.raises(ValueError, match="grad_every"):
+        SpikeProfiler().attach(model, grad_every=0)

@@ -199,10 +199,11 @@ class _GradMonitor(BaseMonitor):
     tensor (the same as the module's own when, as usual, the tensor feeds only that module).
     """
 
-    def __init__(self, net, instance, function, keep_graph, registry, on_input: bool):
+    def __init__(self, net, instance, function, keep_graph, registry, on_input: bool,
+                 own_hooks: bool = True):
         super().__init__(net, instance, keep_graph=keep_graph, registry=registry)
         self.function = function
-        for layer in self._layers:
+        for layer in self._layers if own_hooks else ():  # else a caller's hook calls _watch_input
             if on_input:
                 self._add(layer.module.register_forward_pre_hook(self._hook(_GradMonitor._watch_input, layer)))
             else:

@@ -171,10 +171,20 @@ class SpikeProfiler:
         return spikes if spikes.is_floating_point() else spikes.float()
 
     def attach(self, model: nn.Module, instance: InstanceSpec = None, *,
-               registry: Optional[NeuronRegistry] = None) -> "SpikeProfiler":
-        """Record every spiking neuron of ``model`` through hooks until :meth:`detach`."""
-        self._monitors.append(_ProfilerHooks(self, model, instance, registry))
-        self._monitors.append(_ProfilerGradHooks(self, model, instance, registry))
+               registry: Optional[NeuronRegistry] = None, grad_every: int = 4) -> "SpikeProfiler":
+        """Record every spiking neuron of ``model`` through hooks until :meth:`detach`.
+
+        Spikes and membranes are recorded at every time step. The gradient reaching each
+        neuron layer is measured at every ``grad_every``-th time step of a pass (steps 0,
+        ``grad_every``, ...) and its squared norm scaled to all the steps of the pass: the rules
+        compare norms across layers and passes, which a sample of steps estimates at a quarter
+        of the cost (``grad_every=1`` measures every step).
+        """
+        if int(grad_every) != grad_every or grad_every < 1:
+            raise ValueError(f"grad_every: expected an integer >= 1, got {grad_every!r}")
+        grads = _ProfilerGradHooks(self, model, instance, registry, int(grad_every))
+        self._monitors.append(_ProfilerHooks(self, model, instance, registry, grads))
+        self._monitors.append(grads)
         return self
 
     def detach(self) -> None:
@@ -281,9 +291,9 @@ class _ProfilerHooks(BaseMonitor):
     """Forward hooks feeding a profiler: spikes and membranes of every monitored neuron, reduced
     in the hook while they are still in cache (a few in-place operations per step)."""
 
-    def __init__(self, profiler: SpikeProfiler, net, instance, registry):
+    def __init__(self, profiler: SpikeProfiler, net, instance, registry, grads: "_ProfilerGradHooks"):
         super().__init__(net, instance, registry=registry)
-        self.profiler = profiler
+        self.profiler, self.grads = profiler, grads
         for layer in self._layers:
             if layer.adapter is None:
                 raise ValueError(f"instance: the profiler needs spiking neurons; layer {layer.name!r} "
@@ -291,6 +301,8 @@ class _ProfilerHooks(BaseMonitor):
             self._add(layer.module.register_forward_hook(self._hook(_ProfilerHooks._on_output, layer)))
 
     def _on_output(self, layer: Layer, inputs, output) -> None:
+        # the gradient hook goes on the input current here: one module hook per step, not two
+        self.grads.watch_step(layer, inputs)
         rec = self.profiler._layers.get(layer.name) or self.profiler._layers.setdefault(layer.name, _LayerRecord())
         multi = layer.adapter.multistep(layer.module, output)
         rec.rate.update(nominal_rows(layer.adapter.spikes(layer.module, output)), multi)
@@ -304,12 +316,15 @@ class _ProfilerHooks(BaseMonitor):
 class _ProfilerGradHooks(_GradMonitor):
     """Gradient hooks feeding a profiler: the norm of the gradient reaching each neuron's input
     (after the surrogate derivative), one norm per layer and backward pass (summed in square over
-    the time steps of the pass), so that the rules compare training steps, not time steps."""
+    the time steps of the pass), so that the rules compare training steps, not time steps.
+    Every ``every``-th step of a pass is measured; the pass's sum of squares is scaled by
+    steps / measured steps."""
 
-    def __init__(self, profiler: SpikeProfiler, net, instance, registry):
-        super().__init__(net, instance, _identity, False, registry, on_input=True)
-        self.profiler = profiler
+    def __init__(self, profiler: SpikeProfiler, net, instance, registry, every: int = 1):
+        super().__init__(net, instance, _identity, False, registry, on_input=True, own_hooks=False)
+        self.profiler, self.every = profiler, every
         self._pass_sq: Dict[str, list] = {}
+        self._pass_steps: Dict[str, int] = {}
         ref = weakref.ref(self)
 
         def new_pass(module, args):  # a new forward of the net: the previous pass is complete
@@ -318,6 +333,13 @@ class _ProfilerGradHooks(_GradMonitor):
                 hooks.flush()
         self._add(net.register_forward_pre_hook(new_pass))
 
+    def watch_step(self, layer: Layer, inputs) -> None:
+        """Called by the forward hook at every step of ``layer``; watches every ``every``-th."""
+        step = self._pass_steps.get(layer.name, 0)
+        self._pass_steps[layer.name] = step + 1
+        if step % self.every == 0:
+            self._watch_input(layer, inputs)
+
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
         flat = grad.reshape(-1)
         self._pass_sq.setdefault(name, []).append(torch.dot(flat, flat))  # one BLAS call, no sync
@@ -325,6 +347,7 @@ class _ProfilerGradHooks(_GradMonitor):
     def flush(self) -> None:
         """Hand the finished pass's per-layer norms to the profiler."""
         for name, squares in self._pass_sq.items():
-            norm = torch.stack(squares).to(torch.float64).sum().sqrt()
-            self.profiler._layers.setdefault(name, _LayerRecord()).grad.add_norm(norm)
-        self._pass_sq = {}
+            steps = max(self._pass_steps.get(name, 0), len(squares))
+            total = torch.stack(squares).to(torch.float64).sum() * (steps / len(squares))
+            self.profiler._layers.setdefault(name, _LayerRecord()).grad.add_norm(total.sqrt())
+        self._pass_sq, self._pass_steps = {}, {}

@@ -122,11 +122,14 @@ class FiringRate:
 class MembraneStats:
     """Per-neuron membrane mean / std / min / max over time steps and samples.
 
-    Hot path: each update adds the deviations from a per-row shift (the first value seen) into
-    float32 buffers of one step's shape ``(B, *neurons)``: sum, sum of squares, min, max, all in
-    place. The buffers are folded into float64 ``(n, mean, M2)`` with Chan's parallel formula every
-    ``256`` updates, on a shape change and before any read. The shift keeps the sums small, so a
-    constant membrane gives a std of exactly 0 (voltage collapse stays detectable).
+    Hot path: each update subtracts a per-neuron shift (the batch mean of the first step seen)
+    into a preallocated scratch tensor and adds the batch sums of the deviations and of their
+    squares into a ``(2, neurons)`` float32 accumulator with two matrix-vector products (a row of
+    ones times the deviations): four in-place operations, and no per-step buffer of the batch's
+    size to keep in cache. Min / max, when tracked, are kept per row, in place. The accumulator
+    is folded into float64 ``(n, mean, M2)`` with Chan's parallel formula every ``256`` updates,
+    on a shape change and before any read. The shift keeps the sums small, so a membrane that is
+    the same everywhere gives a std of exactly 0 (voltage collapse stays detectable).
     """
 
     _FLUSH_EVERY = 256
@@ -141,7 +144,7 @@ class MembraneStats:
         self.m2: Optional[torch.Tensor] = None
         self.min_: Optional[torch.Tensor] = None
         self.max_: Optional[torch.Tensor] = None
-        self._buf = None  # [shift, sum, sumsq, min, max, updates, scratch], tensors (B, *neurons)
+        self._buf: Optional[_MembraneBuffer] = None
 
     def update(self, membrane: torch.Tensor, multistep: bool = False) -> None:
         lead = _lead(membrane, multistep, "membrane")
@@ -149,21 +152,11 @@ class MembraneStats:
         if lead == 2:
             self._update_steps(v)
             return
-        step_shape = v.shape
         buf = self._buf
-        if buf is None or buf[0].shape != step_shape or buf[5] >= self._FLUSH_EVERY:
+        if buf is None or buf.step_shape != v.shape or buf.updates >= self._FLUSH_EVERY:
             self._flush()
-            buf = self._buf = [v.clone(), torch.zeros_like(v), torch.zeros_like(v),
-                               v.clone(), v.clone(), 0, torch.empty_like(v)]
-        # the deviation goes into a preallocated scratch tensor: no allocation per step (a fresh
-        # 128 KiB block per step costs more than the arithmetic with glibc's allocator)
-        d = torch.sub(v, buf[0], out=buf[6])
-        buf[1].add_(d)
-        buf[2].addcmul_(d, d)
-        if self.extremes:
-            torch.minimum(buf[3], v, out=buf[3])
-            torch.maximum(buf[4], v, out=buf[4])
-        buf[5] += 1
+            buf = self._buf = _MembraneBuffer(v, self.extremes)
+        buf.add(v, self.extremes)
 
     def _update_steps(self, v: torch.Tensor) -> None:
         """``(T, B, *neurons)`` at once: sums of deviations from the first step (shifted, so a
@@ -176,21 +169,15 @@ class MembraneStats:
         mean_b = mean_rows.mean(0)
         m2_b = m2_rows.sum(0) + T * ((mean_rows - mean_b) ** 2).sum(0)
         lo, hi = (v.amin(dim=(0, 1)).double(), v.amax(dim=(0, 1)).double()) if self.extremes else (mean_b, mean_b)
-        if self._buf is not None and self._buf[0].shape[1:] != mean_b.shape:
+        if self._buf is not None and self._buf.step_shape[1:] != mean_b.shape:
             self._flush()
         self._combine(T * v.shape[1], mean_b, m2_b, lo, hi)
 
     def _flush(self) -> None:
         if self._buf is None:
             return
-        shift, s1, s2, lo, hi, k, _ = self._buf
-        self._buf = None
-        shift, s1, s2 = shift.double(), s1.double(), s2.double()
-        n_b = k * shift.shape[0]
-        mean_b = (k * shift + s1).sum(0) / n_b
-        off = shift - mean_b  # per row: shift relative to the batch mean
-        m2_b = (s2 + 2 * off * s1 + k * off * off).sum(0)
-        self._combine(n_b, mean_b, m2_b, lo.amin(0).double(), hi.amax(0).double())
+        buf, self._buf = self._buf, None
+        self._combine(*buf.moments())
 
     def _combine(self, n_b, mean_b, m2_b, min_b, max_b) -> None:
         if self.mean_ is None:
@@ -230,6 +217,44 @@ class MembraneStats:
         self._flush()
         return {"n": torch.tensor(float(self.n)), "mean": self.mean_, "m2": self.m2,
                 "min": self.min_, "max": self.max_}
+
+
+class _MembraneBuffer:
+    """The float32 sums of up to 256 steps of one batch shape ``(B, *neurons)``; see MembraneStats."""
+
+    def __init__(self, v: torch.Tensor, extremes: bool):
+        self.step_shape, self.updates = v.shape, 0
+        rows = v.reshape(v.shape[0], -1)
+        acc = torch.promote_types(rows.dtype, torch.float32)  # never sum in half precision
+        self.shift = rows.to(acc).mean(0, keepdim=True)  # (1, N)
+        self.sums = rows.new_zeros(2, rows.shape[1], dtype=acc)  # deviations, squared deviations
+        self.ones = rows.new_ones(1, rows.shape[0], dtype=acc)
+        self.scratch = torch.empty(rows.shape, dtype=acc, device=rows.device)
+        self.lo, self.hi = (rows.clone(), rows.clone()) if extremes else (None, None)
+
+    def add(self, v: torch.Tensor, extremes: bool) -> None:
+        rows = v.reshape(v.shape[0], -1)
+        d = torch.sub(rows, self.shift, out=self.scratch)
+        self.sums[0:1].addmm_(self.ones, d)  # batch sum as ones @ d: one BLAS call
+        d.mul_(d)
+        self.sums[1:2].addmm_(self.ones, d)
+        if extremes:
+            torch.minimum(self.lo, rows, out=self.lo)
+            torch.maximum(self.hi, rows, out=self.hi)
+        self.updates += 1
+
+    def moments(self):
+        """``(n, mean, M2, min, max)`` per neuron, float64, in the neuron shape."""
+        shape = self.step_shape[1:]
+        n = self.updates * self.step_shape[0]
+        s1, s2 = self.sums[0].double(), self.sums[1].double()
+        mean = self.shift[0].double() + s1 / n
+        m2 = (s2 - s1 * s1 / n).clamp_min(0)
+        if self.lo is None:
+            lo = hi = mean
+        else:
+            lo, hi = self.lo.amin(0).double(), self.hi.amax(0).double()
+        return n, mean.view(shape), m2.view(shape), lo.view(shape), hi.view(shape)
 
 
 class GradNorm:
