@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from stablespike import LyapunovRegularizer, SpikingMLP, SpikingVGG
-from _timing import time_interleaved
+from _timing import time_paired
 
 warnings.filterwarnings("ignore", message="eps=", category=RuntimeWarning)
 
@@ -99,10 +99,10 @@ def bench_model(name, build, make_input, variants, args, reg, agreement_batches=
         m.load_state_dict(models[variants[0]].state_dict())
         m.train()
     steps = {v: make_step(models[v], x, y, v, reg) for v in variants}
-    med = time_interleaved(steps, args.warmup, args.reps)
+    med, ratio = time_paired(steps, "plain", args.warmup, args.reps)
     row = {"model": name, "plain_ms": 1e3 * med["plain"]}
     for v in variants[1:]:
-        row[f"{v}_ratio"] = med[v] / med["plain"]
+        row[f"{v}_ratio"] = ratio[v]  # median over repetitions of the paired ratio
     probe = build().eval()
     means = fraction_agreement(probe, [make_input()[0] for _ in range(agreement_batches)])
     row.update({f"lambda_{k}": v for k, v in means.items()})
@@ -139,7 +139,7 @@ def main(argv=None):
             ["plain", "full", "fraction", "fraction+r5"], args, reg))
         print(_fmt(rows[-1]), flush=True)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"median of {args.reps} interleaved reps after {args.warmup} warm-up")
+          f"ratios: median over {args.reps} interleaved reps of the paired ratio, after {args.warmup} warm-up")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
