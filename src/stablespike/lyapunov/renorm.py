@@ -19,11 +19,6 @@ import torch
 from ..dynamics import TwinLayout
 
 
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(K,) -> (K, 1, ..., 1)`` to broadcast against ``like``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
 def row_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-row Euclidean norm over several ``(K, ...)`` tensors together, ``(K,)``.
 
@@ -35,65 +30,86 @@ def row_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class _Renormalize(torch.autograd.Function):
     # forward(ctx, ...) style: a separate setup_context costs an inspect.signature per call.
+    # Written for few Python operations per call: on a CPU, a sub-batch estimate's step is bound by
+    # the per-operation overhead of this node, not by its arithmetic on K rows.
     @staticmethod
     def forward(ctx, twins: TwinLayout, groups: Tuple[Tuple[int, ...], ...], target: float,
                 inplace: bool, *states):
-        partners = [twins.partner(s) for s in states]
-        diffs = [twins.twin(s) - p for s, p in zip(states, partners)]
-        outs: List[torch.Tensor] = [None] * len(states)
-        norms = []
+        B, index = twins.batch, (None if twins._all_rows else twins.index)
+        partners = [s[:B] if index is None else s.index_select(0, index) for s in states]
+        diffs = [torch.sub(s[B:], p) for s, p in zip(states, partners)]
+        outs: List[torch.Tensor] = list(states)
+        norms, scales = [], []
         for group in groups:
             n = row_norm([diffs[j] for j in group])
             scale = target / n
             for j in group:
+                col = scale.view(_col_shape(diffs[j]))
                 if inplace:  # write the twin rows where they are: no copy of the nominal rows
-                    torch.addcmul(partners[j], diffs[j], _col(scale, diffs[j]), out=twins.twin(states[j]))
-                    outs[j] = states[j]
+                    torch.addcmul(partners[j], diffs[j], col, out=states[j][B:])
                 else:
-                    twin = torch.addcmul(partners[j], diffs[j], _col(scale, diffs[j]))
-                    outs[j] = torch.cat([twins.nominal(states[j]), twin], dim=0)
+                    outs[j] = torch.cat([states[j][:B], torch.addcmul(partners[j], diffs[j], col)], dim=0)
             norms.append(n)
+            scales.append(scale)
         if inplace:
             ctx.mark_dirty(*states)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        ctx.twins, ctx.groups, ctx.target = twins, groups, target
-        ctx.diffs, ctx.norms, ctx.total = diffs, norms, total
+        ctx.B, ctx.index, ctx.groups = B, index, groups
+        ctx.diffs, ctx.norms, ctx.scales, ctx.total = diffs, norms, scales, total
         return (total, *outs)
 
     @staticmethod
     def backward(ctx, g_total, *g_states):
-        twins, B = ctx.twins, ctx.twins.batch
+        B, index, diffs = ctx.B, ctx.index, ctx.diffs
         grads: List[torch.Tensor] = [None] * len(g_states)
         for gi, group in enumerate(ctx.groups):
-            n, diffs = ctx.norms[gi], ctx.diffs
-            scale = ctx.target / n
-            # dL/dn from the returned total norm
-            g_n = torch.zeros_like(n) if g_total is None else (
-                g_total if len(ctx.groups) == 1 else g_total * n / ctx.total)
-            g_twins = {j: _twin_grad(g_states[j], diffs[j], B) for j in group}
-            # dL/dscale = sum_j <G_twin_j, D_j> per row; scale = target / n adds -scale / n * that
-            g_scale = sum(torch.linalg.vecdot(g_twins[j].flatten(1), diffs[j].flatten(1)) for j in group)
-            coef = (g_n - g_scale * scale / n) / n
-            coef = torch.where(n > torch.finfo(n.dtype).tiny, coef, torch.zeros_like(coef))
+            n, scale = ctx.norms[gi], ctx.scales[gi]
+            twin_grads = {j: g_states[j][B:] for j in group if g_states[j] is not None}
+            # dL/dn per row: from the returned total norm, and through scale = target / n from
+            # the rescaled twins (-scale / n * sum_j <G_j, D_j>)
+            coef = None
+            if g_total is not None:
+                coef = g_total if len(ctx.groups) == 1 else g_total * n / ctx.total
+            for j, G in twin_grads.items():
+                dot = torch.linalg.vecdot(G.reshape(G.shape[0], -1), diffs[j].view(G.shape[0], -1))
+                coef = dot.mul(scale / n).neg_() if coef is None else coef.sub(dot.mul(scale / n))
+            if coef is not None:  # then / n; a zero divergence (n at its floor) passes no gradient
+                coef = coef.div(n).nan_to_num_(0.0, 0.0, 0.0)
             for j in group:
-                d = diffs[j]
-                g_d = torch.addcmul(g_twins[j] * _col(scale, d), d, _col(coef, d))  # dL/dD
-                g_nominal = _nominal_grad(g_states[j], d, B)
-                grad = torch.cat([g_nominal, g_d], dim=0)  # twin rows: dD/dtwin = I
-                # partner rows: d(partner + scale D)/dpartner = I - scale I, plus -dL/dD via D
-                grad.index_add_(0, twins.index, g_twins[j] - g_d)
-                grads[j] = grad
+                grads[j] = _state_grad(g_states[j], twin_grads.get(j), diffs[j], scale, coef, B, index)
         return (None, None, None, None, *grads)
 
 
-def _twin_grad(g: torch.Tensor, like: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.zeros_like(like) if g is None else g[batch:]
+def _col_shape(like: torch.Tensor) -> Tuple[int, ...]:
+    """``(K, 1, ..., 1)``: a per-row factor broadcast against ``like``."""
+    return (like.shape[0],) + (1,) * (like.dim() - 1)
 
 
-def _nominal_grad(g: torch.Tensor, like: torch.Tensor, batch: int) -> torch.Tensor:
+def _state_grad(g, G, d, scale, coef, B: int, index) -> torch.Tensor:
+    """Gradient w.r.t. one state tensor ``(B + K, ...)``. Twin rows: dL/dD = scale * G + coef * D
+    (the twin enters only through D). Partner rows: G - dL/dD (the partner enters the new twin
+    directly and through D with a minus sign), added to the nominal rows' own gradient."""
+    K, col = d.shape[0], _col_shape(d)
+    grad = d.new_empty((B + K,) + tuple(d.shape[1:]))
+    twin = grad[B:]
+    if G is not None:
+        torch.mul(G, scale.view(col), out=twin)
+        if coef is not None:
+            twin.addcmul_(d, coef.view(col))
+    elif coef is not None:
+        torch.mul(d, coef.view(col), out=twin)
+    else:
+        twin.zero_()
     if g is None:
-        return like.new_zeros((batch,) + tuple(like.shape[1:]))
-    return g[:batch]
+        grad[:B].zero_()
+    else:
+        grad[:B].copy_(g[:B])
+    partner = twin.neg() if G is None else G - twin
+    if index is None:
+        grad[:B].add_(partner)
+    else:
+        grad.index_add_(0, index, partner)
+    return grad
 
 
 def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,
