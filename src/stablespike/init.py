@@ -86,7 +86,8 @@ class _Session:
     def rates(self) -> Dict[str, float]:
         with FiringRateMonitor(self.model) as monitor, torch.no_grad():
             self.forward(self.model, self.x)
-        return {row["layer"]: row["mean"] for row in monitor.table()}
+        # this process's batch only: calibration is local, also under torchrun (callable on one rank)
+        return {row["layer"]: row["mean"] for row in monitor.table(sync=False)}
 
     def close(self) -> None:
         with torch.no_grad():
@@ -304,7 +305,9 @@ class ThresholdBalancer:
 
     @torch.no_grad()
     def step(self) -> Dict[str, float]:
-        """Apply one update from the rates seen since the last step; returns the new thresholds."""
+        """Apply one update from the rates seen since the last step; returns the new thresholds.
+        Under torchrun the rates are merged over all ranks (call it on every rank), so that every
+        rank's thresholds stay the same."""
         new = {}
         for row in self.monitor.table():
             factor = math.exp(self.rate_gain * (row["mean"] - self.target_rate))
