@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 import stablespike.bench.depth_scaling as ds
 import stablespike.train as train
 from stablespike import distributed
+from stablespike.callbacks import DiagnosticsCallback
 from stablespike.bench import SweepConfig, run_sweep
 from stablespike.data import load_dataset
 from stablespike.models import SpikingMLP
@@ -99,8 +100,11 @@ train.fit(model, digits, TrainConfig(epochs=1, **small), resumed)
 loads = []
 real_load = train._load_checkpoint
 train._load_checkpoint = lambda path: (loads.append(path), real_load(path))[1]
-result = train.fit(model, digits, TrainConfig(epochs=2, **small), resumed, resume=True)
+sunk = []  # the diagnostics callback: its merged report on every rank, its sink on rank 0 only
+diagnostics = DiagnosticsCallback(every=5, sink=sunk.append)
+result = train.fit(model, digits, TrainConfig(epochs=2, **small), resumed, resume=True, callbacks=[diagnostics])
 seen["resume"] = {"epochs": [m.epoch for m in result.history], "loads": len(loads)}
+seen["diagnostics"] = {"sunk": len(sunk), "history": len(diagnostics.history)}
 models.append(model)
 for i, model in enumerate(models):
     torch.save(model.state_dict(), os.path.join(mine, f"run{i}.pt"))

@@ -52,6 +52,13 @@ def test_all_ranks_resume_from_rank_zeros_checkpoint(two_ranks):
     assert [s["resume"]["loads"] for s in seen] == [1, 0]  # read once, broadcast to rank 1
 
 
+def test_the_diagnostics_callback_runs_on_every_rank_and_writes_on_rank_zero(two_ranks):
+    _, seen = two_ranks
+    rank0, rank1 = (s["diagnostics"] for s in seen)
+    assert rank0["history"] == rank1["history"] > 0  # every rank took part in every report
+    assert rank0["sunk"] == rank0["history"] and rank1["sunk"] == 0
+
+
 def test_the_logged_exponent_is_the_mean_over_ranks(two_ranks):
     out, seen = two_ranks
     local = [s["local_lyap"] for s in seen]

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
+from .distributed import current
 from .profiler import SpikeProfiler
 from .stability import StabilityMonitor
 
@@ -21,7 +22,8 @@ class DiagnosticsCallback:
     :class:`StabilityMetrics` and logs them with the profiler's health score and findings.
 
     ``history`` keeps one dict per logged step (bounded by ``max_history``); ``sink``, if given,
-    receives each dict too (e.g. a JSON-lines writer).
+    receives each dict too (e.g. a JSON-lines writer). Under torchrun every rank must run the
+    callback (the profiler's report is merged across ranks); only rank 0 logs and calls ``sink``.
     """
 
     def __init__(self, every: int = 50, compute_sv: bool = False, max_history: int = 10_000,
@@ -48,6 +50,9 @@ class DiagnosticsCallback:
         if loss is not None:
             row["loss"] = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
         self.history = (self.history + [row])[-self.max_history:]
+        if not current().is_main:  # under torchrun the report is merged over ranks; rank 0 writes it
+            self.profiler.reset()
+            return row
         if self.sink is not None:
             self.sink(row)
         log.info("step %d: %s | health %.0f | %d finding(s)", step, metrics, report.health_score,
