@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .neurons import find_layers
+from .neurons import decay_of, find_layers, scale_threshold, threshold_of
 from .streaming import FiringRateMonitor
 
 Forward = Callable[[nn.Module, torch.Tensor], object]
@@ -142,27 +142,6 @@ def _scale_current(module: nn.Module, factor: float) -> None:
         module.bias.mul_(factor)
 
 
-def _threshold_attr(neuron: nn.Module) -> str:
-    """The name of the neuron's threshold: snnTorch ``threshold``, spikingjelly ``v_threshold``."""
-    for name in ("threshold", "v_threshold"):
-        if isinstance(getattr(neuron, name, None), (torch.Tensor, int, float)):
-            return name
-    raise ValueError(f"mode: threshold calibration needs a 'threshold' or 'v_threshold' on "
-                     f"{type(neuron).__name__}")
-
-
-@torch.no_grad()
-def _scale_threshold(neuron: nn.Module, factor: float, bounds=(0.0, math.inf)) -> float:
-    """Multiply the threshold by ``factor`` (clamped to ``bounds``); returns its new mean."""
-    name = _threshold_attr(neuron)
-    value = getattr(neuron, name)
-    if isinstance(value, torch.Tensor):
-        value.mul_(factor).clamp_(*bounds)
-        return float(value.mean())
-    setattr(neuron, name, min(max(value * factor, bounds[0]), bounds[1]))
-    return float(getattr(neuron, name))
-
-
 def calibrate(model: nn.Module, x: torch.Tensor, *, target_rate: float = 0.1, tolerance: float = 0.02,
               mode: str = "weights", max_evaluations: int = 40,
               forward: Optional[Forward] = None) -> CalibrationReport:
@@ -180,7 +159,7 @@ def calibrate(model: nn.Module, x: torch.Tensor, *, target_rate: float = 0.1, to
         report = CalibrationReport(target_rate, tolerance)
         for layer in neurons:
             apply = ((lambda f, m=feeds.get(layer.name): _scale_current(m, f)) if mode == "weights"
-                     else (lambda f, n=layer.module: _scale_threshold(n, f)))
+                     else (lambda f, n=layer.module: scale_threshold(n, f)))
             # a larger current (or a lower threshold) makes a layer fire more
             sign = 1.0 if mode == "weights" else -1.0
             # aim at half the tolerance, so that a held-out batch stays within the tolerance
@@ -233,9 +212,9 @@ def fluctuation_init(model: nn.Module, x: torch.Tensor, *, target_rate: float = 
         report = CalibrationReport(target_rate, float("nan"))
         for layer in neurons:
             m, s = _current_stats(session, layer.module)
-            beta = _decay(layer.module)
+            beta = min(decay_of(layer.module), 0.999)  # an integrator (1) as a very slow leak
             mu_u, sigma_u = m / (1 - beta), s / math.sqrt(1 - beta ** 2)
-            threshold = _threshold(layer.module)
+            threshold = threshold_of(layer.module)
             reach = mu_u + z * sigma_u
             scale = threshold / reach if reach > 0 else 1.0
             _scale_current(feeds[layer.name], scale)
@@ -263,21 +242,6 @@ def _current_stats(session: _Session, neuron: nn.Module):
         handle.remove()
     current = torch.stack(seen)
     return float(current.mean()), float(current.std())
-
-
-def _decay(neuron: nn.Module) -> float:
-    beta = getattr(neuron, "beta", None)
-    if beta is not None:
-        return float(torch.as_tensor(beta).clamp(0, 0.999).mean())
-    tau = getattr(neuron, "tau", None)
-    return 1.0 - 1.0 / float(tau) if tau else 0.0
-
-
-def _threshold(neuron: nn.Module) -> float:
-    try:
-        return float(torch.as_tensor(getattr(neuron, _threshold_attr(neuron))).mean())
-    except ValueError:
-        return 1.0
 
 
 class ThresholdBalancer:
@@ -311,7 +275,7 @@ class ThresholdBalancer:
         new = {}
         for row in self.monitor.table():
             factor = math.exp(self.rate_gain * (row["mean"] - self.target_rate))
-            new[row["layer"]] = _scale_threshold(self.neurons[row["layer"]], factor, self.bounds)
+            new[row["layer"]] = scale_threshold(self.neurons[row["layer"]], factor, self.bounds)
         self.monitor.reset()
         return new
 

@@ -14,6 +14,10 @@ membrane potential, and whether that output is multi-step ``(T, B, ...)`` or sin
   the output is ``(z, state)`` with the membrane ``state.v``; ``SNN`` modules are multi-step.
 * any type registered with :func:`register_neuron`.
 
+Adapters also read and set a neuron's firing threshold and its per-step membrane decay (the
+fraction of the membrane kept from one step to the next, 1 for a non-leaky integrator), which
+initialization needs: :func:`threshold_of`, :func:`scale_threshold`, :func:`decay_of`.
+
 stablespike's own models are built from snnTorch neurons and are found through that adapter.
 """
 from __future__ import annotations
@@ -33,7 +37,9 @@ class NeuronAdapter:
     """How to read one framework's neuron module.
 
     ``spikes(module, output) -> Tensor``; ``membrane(module, output) -> Tensor | None``;
-    ``multistep(module, output) -> bool`` (True when tensors are ``(T, B, ...)``).
+    ``multistep(module, output) -> bool`` (True when tensors are ``(T, B, ...)``);
+    ``threshold(module) -> Tensor | float | None`` and ``set_threshold(module, value)``;
+    ``decay(module) -> float | None`` (membrane kept per step, in [0, 1]).
     """
 
     framework: str
@@ -41,6 +47,9 @@ class NeuronAdapter:
     spikes: Callable[[nn.Module, Any], torch.Tensor]
     membrane: Callable[[nn.Module, Any], Optional[torch.Tensor]]
     multistep: Callable[[nn.Module, Any], bool]
+    threshold: Callable[[nn.Module], Any] = lambda m: None
+    set_threshold: Optional[Callable[[nn.Module, Any], None]] = None
+    decay: Callable[[nn.Module], Optional[float]] = lambda m: None
 
 
 def _first(output):
@@ -57,8 +66,25 @@ def _snntorch_adapter() -> Optional[NeuronAdapter]:
             return output[-1]  # mem is always last: (spk, mem), (spk, syn, mem), (spk, ..., mem)
         return getattr(module, "mem", None)
 
+    def decay(module):
+        beta = getattr(module, "beta", None)  # Leaky, Synaptic, RLeaky, RSynaptic, Alpha
+        return None if beta is None else float(torch.as_tensor(beta, dtype=torch.float64).clamp(0, 1).mean())
+
     return NeuronAdapter("snntorch", (snn.SpikingNeuron,), lambda m, out: _first(out), membrane,
-                         lambda m, out: False)
+                         lambda m, out: False, lambda m: m.threshold, _set_attribute("threshold"), decay)
+
+
+def _set_attribute(name: str) -> Callable[[nn.Module, Any], None]:
+    """A setter that writes a tensor attribute in place (buffers and parameters keep their
+    identity: optimizers and DDP still hold them) and replaces a Python number."""
+    def set_value(module, value):
+        current = getattr(module, name)
+        if isinstance(current, torch.Tensor):
+            with torch.no_grad():
+                current.copy_(torch.as_tensor(value, dtype=current.dtype).expand_as(current))
+        else:
+            setattr(module, name, float(value))
+    return set_value
 
 
 def _spikingjelly_adapter() -> Optional[NeuronAdapter]:
@@ -76,7 +102,15 @@ def _spikingjelly_adapter() -> Optional[NeuronAdapter]:
         v = getattr(module, "v", None)
         return v if isinstance(v, torch.Tensor) else None
 
-    return NeuronAdapter("spikingjelly", (neuron.BaseNode,), lambda m, out: out, membrane, multistep)
+    def decay(module):
+        if isinstance(getattr(module, "tau", None), (int, float)):  # LIF: v += (x - (v - v_reset)) / tau
+            return 1.0 - 1.0 / float(module.tau)
+        if isinstance(getattr(module, "w", None), torch.Tensor):  # ParametricLIF: 1 / tau = sigmoid(w)
+            return 1.0 - float(torch.sigmoid(module.w.detach()))
+        return 1.0 if isinstance(module, neuron.IFNode) else None  # IF: no leak
+
+    return NeuronAdapter("spikingjelly", (neuron.BaseNode,), lambda m, out: out, membrane, multistep,
+                         lambda m: m.v_threshold, _set_attribute("v_threshold"), decay)
 
 
 def _norse_adapter() -> Optional[NeuronAdapter]:
@@ -90,8 +124,18 @@ def _norse_adapter() -> Optional[NeuronAdapter]:
         state = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
         return getattr(state, "v", None)
 
+    def threshold(module):
+        return getattr(getattr(module, "p", None), "v_th", None)
+
+    def set_threshold(module, value):  # parameters are a named tuple: replaced, never shared tensors
+        module.p = module.p._replace(v_th=torch.as_tensor(value, dtype=torch.as_tensor(module.p.v_th).dtype))
+
+    def decay(module):  # Euler step of dv/dt = tau_mem_inv * (v_leak - v + i)
+        rate = getattr(getattr(module, "p", None), "tau_mem_inv", None)
+        return None if rate is None else 1.0 - float(getattr(module, "dt", 0.001)) * float(torch.as_tensor(rate).mean())
+
     return NeuronAdapter("norse", cells + seqs, lambda m, out: _first(out), membrane,
-                         lambda m, out: isinstance(m, seqs))
+                         lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay)
 
 
 def _optional(module_name: str):
@@ -109,15 +153,20 @@ class NeuronRegistry:
         self._custom: Dict[type, NeuronAdapter] = {}
 
     def register(self, neuron_type: type, spikes: Optional[Callable] = None,
-                 membrane: Optional[Callable] = None, multistep: bool = False) -> None:
+                 membrane: Optional[Callable] = None, multistep: bool = False,
+                 threshold: Optional[str] = None, decay: Optional[Callable] = None) -> None:
         """Make ``neuron_type`` a spiking neuron. ``spikes(module, output)`` defaults to the output
-        (or its first element), ``membrane(module, output)`` to the module's ``mem`` or ``v``."""
+        (or its first element), ``membrane(module, output)`` to the module's ``mem`` or ``v``;
+        ``threshold``: the name of the attribute holding the firing threshold (for threshold
+        calibration); ``decay(module) -> float``: the membrane kept per step (for fluctuation_init)."""
         if not isinstance(neuron_type, type) or not issubclass(neuron_type, nn.Module):
             raise TypeError(f"neuron_type: expected an nn.Module subclass, got {neuron_type!r}")
         default_membrane = lambda m, out: getattr(m, "mem", getattr(m, "v", None))  # noqa: E731
         self._custom[neuron_type] = NeuronAdapter(
             "registered", (neuron_type,), spikes or (lambda m, out: _first(out)),
-            membrane or default_membrane, lambda m, out: bool(multistep))
+            membrane or default_membrane, lambda m, out: bool(multistep),
+            (lambda m: getattr(m, threshold)) if threshold else (lambda m: None),
+            _set_attribute(threshold) if threshold else None, decay or (lambda m: None))
 
     def unregister(self, neuron_type: type) -> None:
         self._custom.pop(neuron_type, None)
@@ -139,9 +188,49 @@ DEFAULT_REGISTRY = NeuronRegistry()
 
 
 def register_neuron(neuron_type: type, spikes: Optional[Callable] = None,
-                    membrane: Optional[Callable] = None, multistep: bool = False) -> None:
+                    membrane: Optional[Callable] = None, multistep: bool = False,
+                    threshold: Optional[str] = None, decay: Optional[Callable] = None) -> None:
     """Register a custom neuron type with the default registry (see :meth:`NeuronRegistry.register`)."""
-    DEFAULT_REGISTRY.register(neuron_type, spikes, membrane, multistep)
+    DEFAULT_REGISTRY.register(neuron_type, spikes, membrane, multistep, threshold, decay)
+
+
+def _adapter_of(neuron: nn.Module, registry: Optional[NeuronRegistry]) -> NeuronAdapter:
+    adapter = (registry or DEFAULT_REGISTRY).adapter_for(neuron)
+    if adapter is None:
+        raise ValueError(f"neuron: {type(neuron).__name__} is not a known spiking neuron "
+                         "(register it with stablespike.register_neuron)")
+    return adapter
+
+
+def threshold_of(neuron: nn.Module, registry: Optional[NeuronRegistry] = None) -> float:
+    """The neuron's firing threshold (the mean, for per-neuron thresholds)."""
+    value = _adapter_of(neuron, registry).threshold(neuron)
+    if value is None:
+        raise ValueError(f"neuron: {type(neuron).__name__} exposes no firing threshold to stablespike "
+                         "(for a registered type, pass threshold='<attribute name>' to register_neuron)")
+    return float(torch.as_tensor(value, dtype=torch.float64).mean())
+
+
+def scale_threshold(neuron: nn.Module, factor: float, bounds=(0.0, float("inf")),
+                    registry: Optional[NeuronRegistry] = None) -> float:
+    """Multiply the neuron's threshold by ``factor``, clamped to ``bounds``; returns its new mean."""
+    adapter = _adapter_of(neuron, registry)
+    value = adapter.threshold(neuron)
+    if value is None or adapter.set_threshold is None:
+        threshold_of(neuron, registry)  # raises the error that names what is missing
+    new = (torch.as_tensor(value, dtype=torch.float64) * factor).clamp(*bounds)
+    adapter.set_threshold(neuron, new if new.dim() else float(new))
+    return threshold_of(neuron, registry)
+
+
+def decay_of(neuron: nn.Module, registry: Optional[NeuronRegistry] = None) -> float:
+    """The fraction of the membrane the neuron keeps from one step to the next (snnTorch ``beta``,
+    spikingjelly ``1 - 1/tau``, norse ``1 - dt * tau_mem_inv``; 1 for an integrate-and-fire)."""
+    value = _adapter_of(neuron, registry).decay(neuron)
+    if value is None:
+        raise ValueError(f"neuron: {type(neuron).__name__} exposes no membrane decay to stablespike "
+                         "(for a registered type, pass decay=... to register_neuron)")
+    return float(value)
 
 
 @dataclass(frozen=True)
