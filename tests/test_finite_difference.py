@@ -221,3 +221,12 @@ def test_renorm_every_is_exact_for_linear_dynamics():
     assert abs(float(every_step) - math.log(0.8)) < 1e-9
     assert abs(float(every_7) - math.log(0.8)) < 1e-9
     assert every_7.steps == 53  # 60 steps minus the 7 discarded
+
+
+def test_the_resolution_warning_points_at_the_users_call():
+    model = SpikingMLP(784, [256, 256], 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.rand(4, 5, 784), compute_lyapunov=True)
+    found = [w for w in caught if "below what torch.float32 resolves" in str(w.message)]
+    assert found and found[0].filename == __file__

@@ -4,9 +4,14 @@ Each error names the argument, what was expected and what was given (DESIGN.md r
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Sequence
 
 import torch
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_NN = os.path.dirname(os.path.abspath(torch.nn.__file__))
 
 
 def describe(x) -> str:
@@ -69,3 +74,15 @@ def check_fraction(value, name: str) -> float:
     if not ok:
         raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
     return float(value)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called from stablespike that points at the first
+    frame outside stablespike and torch.nn (the user's ``model(x)`` call, not our internals)."""
+    frame, level = sys._getframe(1), 1  # the function that will call warnings.warn
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_PACKAGE) or path.startswith(_TORCH_NN)):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .distributed import merge_across_ranks, should_sync
+from ._checks import user_stacklevel
 from .dynamics import nominal_rows
 from .monitor import BaseMonitor, _GradMonitor, _identity
 from .neurons import InstanceSpec, Layer, NeuronRegistry
@@ -165,7 +166,7 @@ class SpikeProfiler:
         if not bool(((spikes == 0) | (spikes == 1)).all()):
             if not rec.warned_nonbinary:
                 warnings.warn(f"spikes of layer {layer!r} are not 0/1; values > 0 count as one spike",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=user_stacklevel())
                 rec.warned_nonbinary = True
             return (spikes > 0).float()
         return spikes if spikes.is_floating_point() else spikes.float()

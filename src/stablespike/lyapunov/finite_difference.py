@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .._checks import check_fraction, check_positive, check_tensor
+from .._checks import check_fraction, check_positive, check_tensor, user_stacklevel
 from ..dynamics import State, TwinLayout, select_layers, state_spec_of, unroll
 from .precision import maybe_cast
 from .renorm import renormalize
@@ -168,7 +168,7 @@ def _warn_if_unresolved(eps: float, n_perturbed: int, dtype: torch.dtype) -> Non
             f"eps={eps:g} spread over {n_perturbed} state values is {per_element:.1e} per value, "
             f"below what {dtype} resolves at membrane scale (~{floor:.1e}): the twin difference is "
             "quantized. Use twin_dtype=torch.float64 or a larger eps.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning, stacklevel=user_stacklevel(),
         )
 
 
@@ -229,7 +229,7 @@ class _Tracker:
                 "the twin trajectories coincided exactly for some samples (zero divergence): eps "
                 "is too small for this dtype, or the chosen layers do not depend on their state. "
                 "Their log-growth was floored.",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning, stacklevel=user_stacklevel(),
             )
         return norms.log().sum(dim=0) - len(self.norms) * math.log(self.eps)
 
