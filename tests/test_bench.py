@@ -67,6 +67,7 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     (["bench", "depth-scaling", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["bench", "depth-scaling", "--reg_type", "l3"], "invalid choice: 'l3'"),
     (["bench", "depth-scaling", "--depths", "0", "2"], "expected an integer >= 1"),
+    (["bench", "depth-scaling", "--surrogate_slope", "0", "--depths", "1"], "surrogate_slope: expected a positive number"),
 ])
 def test_cli_rejects_bad_arguments_with_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -102,3 +103,12 @@ def test_inits_side_by_side_with_the_profilers_verdict(tmp_path):
     assert any("silent_layer" in f for f in deep_default["verdict"]["findings"])
     text = write_report(str(tmp_path))
     assert "calibrated+lyapunov Acc" in text and "failing run vanilla depth 8" in text
+
+
+def test_the_surrogate_slope_reaches_every_neuron():
+    data = ds.load_dataset("digits")
+    for model in ("mlp", "vgg"):
+        cfg = SweepConfig(dataset="digits", model=model, depths=[2], surrogate_slope=1.5)
+        net = ds.build_model(cfg, 2, data)
+        slopes = {m.spike_grad.slope for m in net.modules() if hasattr(m, "spike_grad")}
+        assert slopes == {1.5}

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several inits side by side, e.g. --inits default calibrated: vanilla, lyapunov, "
                         "calibrated, calibrated+lyapunov in one report")
     d.add_argument("--target_rate", type=float, default=0.1)
+    d.add_argument("--surrogate_slope", type=float, default=25.0,
+                   help="fast-sigmoid surrogate slope (seed: 25); 1-2 lets gradients through deep nets")
     d.add_argument("--lyap_threshold", type=float, default=2.0)
     d.add_argument("--lyap_eps", type=float, default=1e-4)
     d.add_argument("--lyap_fraction", type=float, default=1.0)
@@ -93,7 +95,7 @@ def _sweep_config(args):
     return SweepConfig(dataset=pick("dataset", "digits"), model=pick("model", "mlp"),
                        depths=pick("depths", [2, 4]), seeds=seeds, width=pick("width", 128),
                        stable_init=args.stable_init, init=args.init, inits=args.inits,
-                       target_rate=args.target_rate,
+                       target_rate=args.target_rate, surrogate_slope=args.surrogate_slope,
                        data_dir=args.data_dir, train=train)
 
 

@@ -22,6 +22,7 @@ from ..data import load_dataset
 from ..distributed import broadcast_from_main, current, setup
 from ..models import SpikingMLP, SpikingVGG
 from ..streaming import FiringRateMonitor
+from ..surrogate import fast_sigmoid
 from ..train import TrainConfig, fit, model_input
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class SweepConfig:
     init: str = "default"  # default | stable | calibrated | fluctuation
     inits: Optional[List[str]] = None  # several inits side by side; default: [init]
     target_rate: float = 0.1
+    surrogate_slope: float = 25.0  # fast-sigmoid slope of every neuron (seed 002: 25)
     data_dir: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -48,6 +50,8 @@ class SweepConfig:
             raise ValueError(f"model: expected 'mlp' or 'vgg', got {self.model!r}")
         if not self.depths or any(int(d) < 1 for d in self.depths):
             raise ValueError(f"depths: expected depths >= 1, got {self.depths!r}")
+        if not self.surrogate_slope > 0:
+            raise ValueError(f"surrogate_slope: expected a positive number, got {self.surrogate_slope!r}")
         if self.stable_init:  # seed 002's flag is an alias of init="stable"
             self.init = "stable"
         self.inits = list(self.inits or [self.init])
@@ -75,13 +79,15 @@ def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None) 
     init = init or cfg.inits[0]
     if cfg.model == "mlp":
         in_dim = 1 if cfg.train.encoder == "sequence" else int(torch.tensor(data.input_shape).prod())
-        model = SpikingMLP(in_dim, [cfg.width] * depth, data.num_classes)
+        model = SpikingMLP(in_dim, [cfg.width] * depth, data.num_classes,
+                           spike_grad=fast_sigmoid(cfg.surrogate_slope))
     else:
         if data.kind != "image":
             raise ValueError(f"model: the VGG needs images, {data.name} is a {data.kind} data set")
         stages, blocks = vgg_stages(depth)
         model = SpikingVGG.for_input(data.input_shape, num_classes=data.num_classes, num_stages=stages,
-                                     blocks_per_stage=blocks, T=cfg.train.T, stable_init=init == "stable")
+                                     blocks_per_stage=blocks, T=cfg.train.T, stable_init=init == "stable",
+                                     spike_grad=fast_sigmoid(cfg.surrogate_slope))
     if init in ("calibrated", "fluctuation"):
         from ..init import calibrate, fluctuation_init
         batch = model_input(model, data.x_train[:256], cfg.train)  # a fixed calibration batch

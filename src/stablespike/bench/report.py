@@ -188,7 +188,8 @@ def write_report(run_dir: str) -> str:
              else f"T={config['train']['T']}")
     head = (f"Depth scaling on {config['dataset']} with the spiking {config['model'].upper()} "
             f"(width {config['width']}, {steps}, {config['train']['epochs']} epochs, seeds {seeds}, "
-            f"reg {config['train']['reg_type']}, init {config.get('init', 'default')})")
+            f"reg {config['train']['reg_type']}, init {config.get('init', 'default')}, "
+            f"surrogate slope {config.get('surrogate_slope', 25.0):g})")
     md = [f"# {head}", "", "```", table, "```", "", "## Observations", ""] + [f"- {n}" for n in notes] + [""]
     md += [f"![{n}]({n})" for n in images]
     with open(os.path.join(run_dir, "report.md"), "w") as f:
