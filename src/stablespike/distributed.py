@@ -72,7 +72,8 @@ def current(device: str = "cpu") -> Ranks:
 def setup(device: str = "cpu") -> Ranks:
     """Join torchrun's process group if the environment describes one of more than one rank.
 
-    ``device`` is ``"cpu"`` or ``"cuda"`` (each rank then takes ``cuda:LOCAL_RANK``); the backend
+    ``device`` is ``"cpu"`` or ``"cuda"`` (each rank then takes ``cuda:LOCAL_RANK``, whatever
+    index was given); the backend
     follows it: gloo for CPU, nccl for CUDA. Raises a ValueError naming a missing rendezvous
     variable when the environment is half set (e.g. WORLD_SIZE without MASTER_ADDR).
     """
@@ -111,9 +112,8 @@ def _rendezvous_env() -> Dict[str, int]:
 
 
 def _rank_device(device: str, local_rank: int) -> str:
-    if str(device) == "cuda":
-        return f"cuda:{local_rank}"
-    return str(device)
+    """With several ranks, ``cuda`` (or any ``cuda:N``) means this rank's GPU, ``cuda:LOCAL_RANK``."""
+    return f"cuda:{local_rank}" if str(device).startswith("cuda") else str(device)
 
 
 def _shutdown() -> None:
