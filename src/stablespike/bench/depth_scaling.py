@@ -6,7 +6,8 @@ atomically to ``runs/<method>_d<depth>_s<seed>.json`` as soon as it finishes; ``
 (seed 002's format: ``{method: {depth: [epoch metrics]}}``, first seed) and
 ``results_seeds.json`` (every seed, with status) are rewritten after every run, so a killed sweep
 loses at most the run in progress, and ``resume=True`` skips the runs already done (a run killed
-mid-way resumes from its last epoch checkpoint).
+mid-way resumes from its last epoch checkpoint). Under torchrun every run is data-parallel over
+the ranks and rank 0 writes; ``jobs > 1`` runs independent runs in parallel processes instead.
 """
 from __future__ import annotations
 
