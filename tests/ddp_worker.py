@@ -20,7 +20,7 @@ from stablespike import distributed
 from stablespike.callbacks import DiagnosticsCallback
 from stablespike.bench import SweepConfig, run_sweep
 from stablespike.data import load_dataset
-from stablespike.models import SpikingMLP
+from stablespike.models import SpikingMLP, SpikingVGG
 from stablespike.profiler import SpikeProfiler
 from stablespike.train import TrainConfig, model_input
 
@@ -106,6 +106,14 @@ result = train.fit(model, digits, TrainConfig(epochs=2, **small), resumed, resum
 seen["resume"] = {"epochs": [m.epoch for m in result.history], "loads": len(loads)}
 seen["diagnostics"] = {"sunk": len(sunk), "history": len(diagnostics.history)}
 models.append(model)
+
+# a VGG with batch norm in DDP: weights and running statistics must agree on both ranks
+torch.manual_seed(0)
+vgg = SpikingVGG.for_input(digits.input_shape, num_classes=10, base_channels=8, num_stages=2,
+                           blocks_per_stage=1, T=2)
+train.fit(vgg, digits, TrainConfig(epochs=1, batch_size=64, T=2, lyapunov=True, lyap_fraction=0.25,
+                                   progress=False))
+models.append(vgg)
 for i, model in enumerate(models):
     torch.save(model.state_dict(), os.path.join(mine, f"run{i}.pt"))
 with open(os.path.join(mine, "seen.json"), "w") as f:

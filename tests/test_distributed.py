@@ -36,14 +36,18 @@ def two_ranks(tmp_path_factory):
 
 def test_both_ranks_end_with_the_same_weights(two_ranks):
     out, _ = two_ranks
-    for run in ("run0.pt", "run1.pt", "run2.pt"):
+    for run in ("run0.pt", "run1.pt", "run2.pt", "run3.pt"):  # run3: a VGG with batch norm
         w0, w1 = (torch.load(out / f"rank{r}" / run) for r in range(2))
         assert w0.keys() == w1.keys()
         for name in w0:
             assert torch.equal(w0[name], w1[name]), name
+        if run == "run3.pt":  # the batch-norm running statistics moved, the same on both ranks
+            assert any(k.endswith("running_mean") for k in w0)
+            assert all(float(w0[k].abs().sum()) > 0 for k in w0 if k.endswith("running_mean"))
     # and training moved them: rank 0's run differs from the model it started from
     start = SpikingMLP(64, [32, 32], 10).state_dict()
-    assert any(not torch.equal(start[k], w0[k]) for k in start if k in w0)
+    trained = torch.load(out / "rank0" / "run1.pt")
+    assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
 
 
 def test_all_ranks_resume_from_rank_zeros_checkpoint(two_ranks):

@@ -12,6 +12,7 @@ The helpers are collectives: every rank must call them, in the same order.
 - :func:`merge_across_ranks` -- streaming accumulators (``stats.FiringRate`` ...) of all ranks
   merged with their own ``merge``, in rank order, so every rank gets the same merged table.
 - :func:`broadcast_from_main`, :func:`any_rank`, :func:`sum_across_ranks` -- decisions and totals.
+- :func:`average_buffers` -- BatchNorm running statistics made equal on every rank.
 """
 from __future__ import annotations
 
@@ -145,6 +146,24 @@ def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:
     DDP._set_params_and_buffers_to_ignore_for_model(model, per_step)
     device_ids = [ranks.local_rank] if ranks.device.startswith("cuda") else None
     return DDP(model, device_ids=device_ids)
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module) -> None:
+    """Average the model's persistent floating-point buffers over ranks (in place).
+
+    DDP hands rank 0's buffers to every rank at the start of each forward, so after the last
+    training step each rank holds BatchNorm running statistics updated from its own samples only;
+    averaging them at the end of an epoch gives every rank the same model (statistics from all
+    samples) before it is evaluated and saved.
+    """
+    if not active():
+        return
+    persistent = set(model.state_dict())
+    buffers = [b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()]
+    for b in buffers:
+        dist.all_reduce(b)
+        b.div_(dist.get_world_size())
 
 
 class _MeanAcrossRanks(torch.autograd.Function):

@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .data import Dataset, augment_cifar, encode
-from .distributed import (Ranks, any_rank, broadcast_from_main, check_batch_size, current,
-                          data_parallel, mean_across_ranks, setup, sum_across_ranks)
+from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main, check_batch_size,
+                          current, data_parallel, mean_across_ranks, setup, sum_across_ranks)
 from .lyapunov import LyapunovRegularizer
 from .stability import gradient_norm, _gradient_spectra, _condition
 
@@ -203,6 +203,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
             result.status, result.diverged_epoch = "DIVERGED", epoch
             log.warning("run diverged at epoch %d (non-finite loss)", epoch)
             break
+        average_buffers(model)  # every rank evaluates and saves the same model
         metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config)
         sched.step()
         metrics.lr = sched.get_last_lr()[0]
