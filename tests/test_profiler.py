@@ -193,3 +193,40 @@ def test_attached_gradient_norms_per_pass_and_their_sampled_estimate():
         assert estimate[name].grad_norm_mean != pytest.approx(truth, rel=1e-6)  # it did sample
     with pytest.raises(ValueError, match="grad_every"):
         SpikeProfiler().attach(model, grad_every=0)
+
+
+def _layer_spikes(n=100, dead=0, seed=0):
+    """(T=20, B=4, n) spikes firing at ~0.3, with the first ``dead`` neurons never firing."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(20, 4, n, generator=g) < 0.3).float()
+    s[..., :dead] = 0
+    return s
+
+
+@pytest.mark.parametrize("depth", [2, 14])
+def test_health_score_does_not_fall_with_depth_alone(depth):
+    clean, warned = SpikeProfiler(), SpikeProfiler()
+    for i in range(depth):
+        clean.record_step(f"l{i}", _layer_spikes(seed=i), multistep=True)
+        warned.record_step(f"l{i}", _layer_spikes(dead=20, seed=i), multistep=True)  # 20 % dead
+    assert clean.report().health_score == 100.0
+    report = warned.report()
+    assert {p.category for p in report.pathologies} == {"dead_neurons"} and len(report.pathologies) == depth
+    assert report.health_score == pytest.approx(75.0)  # every layer 0.75, whatever the depth
+
+
+def test_health_score_of_one_bad_layer_a_dead_network_and_a_network_finding():
+    profiler = SpikeProfiler()
+    for i in range(4):
+        profiler.record_step(f"l{i}", _layer_spikes(dead=20 if i == 0 else 0, seed=i), multistep=True)
+    assert profiler.report().health_score == pytest.approx(100 * (3 + 0.75) / 4)
+    dead = SpikeProfiler()
+    for i in range(3):
+        dead.record_step(f"l{i}", torch.zeros(20, 4, 10), multistep=True)
+    assert dead.report().health_score == 0.0
+    vanishing = SpikeProfiler()
+    for i, scale in enumerate((1e-6, 1.0)):
+        vanishing.record_step(f"l{i}", _layer_spikes(seed=i), multistep=True, gradients=torch.full((4, 100), scale))
+    report = vanishing.report()
+    assert [p.category for p in report.pathologies] == ["gradient_vanishing"]
+    assert report.health_score == pytest.approx(50.0)

@@ -35,7 +35,10 @@ from .neurons import InstanceSpec, Layer, NeuronRegistry
 from .rules import Pathology, Severity, Thresholds, activity_rules, gradient_explosion, gradient_vanishing
 from .stats import FiringRate, GradNorm, MembraneStats
 
-_SEVERITY_COST = {Severity.CRITICAL: 25.0, Severity.WARNING: 10.0, Severity.INFO: 0.0}
+# health score factors (see ProfileReport.health_score)
+_LAYER_FACTOR = {Severity.CRITICAL: 0.0, Severity.WARNING: 0.75, Severity.INFO: 1.0}
+_NETWORK_FACTOR = {Severity.CRITICAL: 0.5, Severity.WARNING: 0.75, Severity.INFO: 1.0}
+_NETWORK_CATEGORIES = frozenset({"gradient_vanishing"})
 
 
 @dataclass
@@ -64,7 +67,7 @@ class LayerStats:
 @dataclass
 class ProfileReport:
     """What the profiler found: ``layer_stats`` (by layer, in recording order), ``pathologies``,
-    ``health_score`` (100 = nothing found; -25 per CRITICAL, -10 per WARNING, floor 0)."""
+    ``health_score`` (100 = nothing found, 0 = a dead network; see the property)."""
 
     layer_stats: Dict[str, LayerStats]
     pathologies: List[Pathology]
@@ -76,7 +79,23 @@ class ProfileReport:
 
     @property
     def health_score(self) -> float:
-        return max(0.0, 100.0 - sum(_SEVERITY_COST[p.severity] for p in self.pathologies))
+        """100 x the mean over recorded layers of each layer's health x the network's factor.
+
+        A layer's health is 1, x 0.75 per WARNING on it, 0 with a CRITICAL finding (silent, mostly
+        dead, exploding gradient). Findings about the whole network (vanishing gradient across
+        depth, or on a name that is no recorded layer) multiply the mean: x 0.5 per CRITICAL,
+        x 0.75 per WARNING. So the score does not fall with depth alone: 14 layers with a few dead
+        neurons each score 75, a silent network 0.
+        """
+        layers = {name: 1.0 for name in self.layer_stats}
+        network = 1.0
+        for p in self.pathologies:
+            if p.category in _NETWORK_CATEGORIES or p.layer not in layers:
+                network *= _NETWORK_FACTOR[p.severity]
+            else:
+                layers[p.layer] *= _LAYER_FACTOR[p.severity]
+        mean = sum(layers.values()) / len(layers) if layers else 1.0
+        return 100.0 * mean * network
 
     def summary(self) -> str:
         from .report import profile_summary
