@@ -97,6 +97,8 @@ def test_the_merged_firing_rate_table_equals_one_process_on_the_same_samples(two
     for name, rate in alone.items():
         assert record["layer_rates"][name] == pytest.approx(rate, abs=1e-9)
     assert 0 < max(alone.values())  # a table of zeros would match trivially
+    from stablespike.bench.depth_scaling import verdict
+    assert record["verdict"] == verdict(model, data, cfg.train)  # rank 0's, on the whole batch
 
 
 def test_the_merged_profiler_report_equals_one_process_on_the_same_samples(two_ranks):

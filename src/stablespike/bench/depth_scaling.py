@@ -237,16 +237,19 @@ def _write_results(cfg: SweepConfig, out_dir: str) -> Dict:
 
 def verdict(model, data, cfg: TrainConfig, n: int = 128) -> Dict:
     """The profiler's health score and findings after training, on one test batch (forward and
-    backward), so that a failing run says why."""
+    backward), so that a failing run says why. Under torchrun rank 0 computes it on the whole
+    batch and hands it to the others: gradient norms of a share are not those of the batch."""
     from ..profiler import SpikeProfiler
     import torch.nn.functional as F
-    model.train()
-    ranks = current(cfg.device)  # under torchrun: each rank its share, the report merged
-    share = ranks.shard(min(n, len(data.x_test)))
-    x, y = data.x_test[:n][share].to(ranks.device), data.y_test[:n][share].to(ranks.device)
-    with SpikeProfiler().attach(model) as profiler:
-        F.cross_entropy(model(model_input(model, x, cfg))[0], y).backward()
-    model.zero_grad(set_to_none=True)
-    report = profiler.report()
-    return {"health_score": report.health_score,
-            "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies]}
+    ranks = current(cfg.device)
+    found = None
+    if ranks.is_main:
+        model.train()
+        x, y = data.x_test[:n].to(ranks.device), data.y_test[:n].to(ranks.device)
+        with SpikeProfiler().attach(model) as profiler:
+            F.cross_entropy(model(model_input(model, x, cfg))[0], y).backward()
+        model.zero_grad(set_to_none=True)
+        report = profiler.report(sync=False)
+        found = {"health_score": report.health_score,
+                 "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies]}
+    return broadcast_from_main(found)
