@@ -31,6 +31,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 	$(VENV)/bin/stablespike bench depth-scaling --preset quick --no-progress --out_dir runs/demo
+	@echo "--- the cure for the deep nets above: calibrated init + a wide surrogate (slope 1) ---"
+	$(VENV)/bin/stablespike bench depth-scaling --preset quick --depths 10 --seeds 0 --inits calibrated \
+	  --surrogate_slope 1 --jobs 2 --no-progress --out_dir runs/demo_cure
 
 bench: $(STAMP)
 	$(PY) benchmarks/lyapunov_overhead.py

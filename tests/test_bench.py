@@ -112,3 +112,13 @@ def test_the_surrogate_slope_reaches_every_neuron():
         net = ds.build_model(cfg, 2, data)
         slopes = {m.spike_grad.slope for m in net.modules() if hasattr(m, "spike_grad")}
         assert slopes == {1.5}
+
+
+def test_a_sweep_without_the_default_init_reports_its_own_pair(tmp_path):
+    """--inits calibrated alone: the seed's two columns become calibrated / calibrated+lyapunov."""
+    cfg = SweepConfig(dataset="digits", depths=[1, 2], seeds=[0], width=16, inits=["calibrated"],
+                      train=TrainConfig(epochs=1, batch_size=128, T=3, progress=False))
+    run_sweep(cfg, str(tmp_path))
+    text = write_report(str(tmp_path))
+    assert "calibrated Acc" in text and "calibrated+lyapunov Acc" in text and "init calibrated" in text
+    assert "Vanilla" not in text

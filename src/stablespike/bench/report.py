@@ -49,20 +49,32 @@ def _pm(mean: float, sd: float, n: int) -> str:
     return "FAILED" if n == 0 else f"{mean:.3f}±{sd:.3f}"
 
 
+def _pair(variants: List[str]) -> Tuple[str, str]:
+    """The seed's two columns: the first init's plain and regularized variants ('vanilla' and
+    'lyapunov' with the default init, e.g. 'calibrated' and 'calibrated+lyapunov' otherwise)."""
+    return (variants[0], variants[1]) if len(variants) > 1 else (variants[0], variants[0])
+
+
 def summary_table(rows: List[dict], variants: List[str]) -> str:
     """Seed 002's summary table (mean ± spread over seeds), plus one accuracy column per further
     variant (e.g. calibrated, calibrated+lyapunov)."""
-    extra = [v for v in variants if v not in ("vanilla", "lyapunov")]
-    head = (f"{'Depth':<6} {'Vanilla Acc':<13} {'Lyapunov Acc':<13} {'Δ Acc':<8} {'Lyap λ':<9} "
-            f"{'Van ∇norm':<10} {'Lyap ∇norm':<10} {'Van κ':<9}") + "".join(f" {v + ' Acc':<22}" for v in extra)
+    base, reg = _pair(variants)
+    extra = [v for v in variants if v not in (base, reg)]
+    names = ("Vanilla", "Lyapunov", "Van", "Lyap") if base == "vanilla" else (base, reg, base, reg)
+    titles = [f"{names[0]} Acc", f"{names[1]} Acc", f"{names[2]} ∇norm", f"{names[3]} ∇norm", f"{names[2]} κ"]
+    w = [max(13, len(titles[0]) + 1), max(13, len(titles[1]) + 1), max(10, len(titles[2]) + 1),
+         max(10, len(titles[3]) + 1), max(9, len(titles[4]) + 1)]
+    head = (f"{'Depth':<6} {titles[0]:<{w[0]}} {titles[1]:<{w[1]}} {'Δ Acc':<8} {'Lyap λ':<9} "
+            f"{titles[2]:<{w[2]}} {titles[3]:<{w[3]}} {titles[4]:<{w[4]}}"
+            ) + "".join(f" {v + ' Acc':<22}" for v in extra)
     lines = [head]
     for r in rows:
         get = lambda k: r.get(k, math.nan)  # noqa: E731
-        diff = get("lyapunov_acc") - get("vanilla_acc")
-        line = (f"{r['depth']:<6} {_pm(get('vanilla_acc'), get('vanilla_acc_sd'), r.get('vanilla_n', 0)):<13} "
-                f"{_pm(get('lyapunov_acc'), get('lyapunov_acc_sd'), r.get('lyapunov_n', 0)):<13} "
-                f"{diff:<+8.3f} {get('lyapunov_lyap'):<9.3f} {get('vanilla_grad'):<10.2e} "
-                f"{get('lyapunov_grad'):<10.2e} {get('vanilla_cond'):<9.1e}")
+        diff = get(f"{reg}_acc") - get(f"{base}_acc")
+        line = (f"{r['depth']:<6} {_pm(get(f'{base}_acc'), get(f'{base}_acc_sd'), r.get(f'{base}_n', 0)):<{w[0]}} "
+                f"{_pm(get(f'{reg}_acc'), get(f'{reg}_acc_sd'), r.get(f'{reg}_n', 0)):<{w[1]}} "
+                f"{diff:<+8.3f} {get(f'{reg}_lyap'):<9.3f} {get(f'{base}_grad'):<{w[2]}.2e} "
+                f"{get(f'{reg}_grad'):<{w[3]}.2e} {get(f'{base}_cond'):<{w[4]}.1e}")
         line += "".join(f" {_pm(r[v + '_acc'], r[v + '_acc_sd'], r[v + '_n']):<22}" for v in extra)
         lines.append(line)
     return "\n".join(lines)
@@ -70,25 +82,26 @@ def summary_table(rows: List[dict], variants: List[str]) -> str:
 
 def observations(rows: List[dict], variants: List[str]) -> List[str]:
     """Seed 002's gradient-health analysis and key observations, with the numbers."""
+    base, reg = _pair(variants)
     notes = []
     for r in rows:
-        cond = r["vanilla_cond"]
+        cond = r.get(f"{base}_cond", math.nan)
         if cond > 1e6:
-            notes.append(f"Depth {r['depth']}: vanilla has ill-conditioned gradients (κ = {cond:.1e} > 1e6)")
+            notes.append(f"Depth {r['depth']}: {base} has ill-conditioned gradients (κ = {cond:.1e} > 1e6)")
         elif cond > 1e4:
-            notes.append(f"Depth {r['depth']}: vanilla has moderately ill-conditioned gradients (κ = {cond:.1e})")
+            notes.append(f"Depth {r['depth']}: {base} has moderately ill-conditioned gradients (κ = {cond:.1e})")
         for m in variants:
             if r[f"{m}_failed"]:
                 notes.append(f"Depth {r['depth']}: {r[f'{m}_failed']} {m} run(s) diverged")
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
-        van = hi.get("vanilla_acc", math.nan) - lo.get("vanilla_acc", math.nan)
-        lyap = hi.get("lyapunov_acc", math.nan) - lo.get("lyapunov_acc", math.nan)
+        plain = hi.get(f"{base}_acc", math.nan) - lo.get(f"{base}_acc", math.nan)
+        lyap = hi.get(f"{reg}_acc", math.nan) - lo.get(f"{reg}_acc", math.nan)
         for v in variants:
             notes.append(f"{v} {lo['depth']}→{hi['depth']} layers: {hi[v + '_acc'] - lo[v + '_acc']:+.3f} accuracy change")
-        if lyap > van + 0.02:
+        if lyap > plain + 0.02:
             notes.append("Lyapunov regularization scales better with depth here")
-        elif lyap > van:
+        elif lyap > plain:
             notes.append("Lyapunov shows a slight improvement in depth scaling (within 0.02)")
         else:
             notes.append("No benefit from Lyapunov regularization on this data set and depth range")
@@ -188,7 +201,7 @@ def write_report(run_dir: str) -> str:
              else f"T={config['train']['T']}")
     head = (f"Depth scaling on {config['dataset']} with the spiking {config['model'].upper()} "
             f"(width {config['width']}, {steps}, {config['train']['epochs']} epochs, seeds {seeds}, "
-            f"reg {config['train']['reg_type']}, init {config.get('init', 'default')}, "
+            f"reg {config['train']['reg_type']}, init {', '.join(config.get('inits') or [config.get('init', 'default')])}, "
             f"surrogate slope {config.get('surrogate_slope', 25.0):g})")
     md = [f"# {head}", "", "```", table, "```", "", "## Observations", ""] + [f"- {n}" for n in notes] + [""]
     md += [f"![{n}]({n})" for n in images]
