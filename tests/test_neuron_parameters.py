@@ -123,6 +123,12 @@ def test_fluctuation_init_reads_a_norse_decay():
 
     net = Net()
     x = torch.rand(40, 16, 20)
+    with torch.no_grad():  # the first layer's current, before any scaling: its mean and std
+        current = net.fc1(x).double()
+    m, s = float(current.mean()), float(current.std())
+    beta = 1 - 0.001 * 100.0  # norse LIFCell: dt * tau_mem_inv per step
+    z = math.sqrt(2) * float(torch.erfinv(torch.tensor(0.8)))  # Phi^-1(0.9)
+    expected = 1.0 / (m / (1 - beta) + z * s / math.sqrt(1 - beta ** 2))  # threshold 1
     report = ss.fluctuation_init(net, x, target_rate=0.1)
+    assert report.layers[0].scale == pytest.approx(expected, rel=1e-6)  # it read beta = 0.9
     assert all(row.rate_after > 0 for row in report.layers), str(report)
-    assert all(math.isfinite(row.scale) and row.scale > 0 for row in report.layers)

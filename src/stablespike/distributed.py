@@ -141,11 +141,17 @@ def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:
     if not ranks.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
-    persistent = set(model.state_dict())
+    persistent = _persistent_buffers(model)
     per_step = [name for name, _ in model.named_buffers() if name not in persistent]
     DDP._set_params_and_buffers_to_ignore_for_model(model, per_step)
     device_ids = [ranks.local_rank] if ranks.device.startswith("cuda") else None
     return DDP(model, device_ids=device_ids)
+
+
+def _persistent_buffers(model: nn.Module) -> set:
+    """Names of the buffers that are model state (saved in the state dict, e.g. BatchNorm
+    statistics), as opposed to per-step state such as snnTorch's ``mem``."""
+    return set(model.state_dict())
 
 
 @torch.no_grad()
@@ -159,7 +165,7 @@ def average_buffers(model: nn.Module) -> None:
     """
     if not active():
         return
-    persistent = set(model.state_dict())
+    persistent = _persistent_buffers(model)
     buffers = [b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()]
     for b in buffers:
         dist.all_reduce(b)
