@@ -180,7 +180,9 @@ def _close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), path
+        # --jobs N gives each process cores/N threads, and the thread count changes the order of
+        # float reductions: after an epoch of training the two runs differ by ~1e-4
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-6), path
     else:
         assert a == b, path
 

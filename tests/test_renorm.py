@@ -1,10 +1,26 @@
 """The fused renormalization node: its hand-written backward against autograd's numerical gradient,
-and its values against the same computation written with plain tensor operations."""
+and its values against the same computation written with plain tensor operations; the C kernel
+(in place on the CPU) against the PyTorch operations."""
+import shutil
+
 import pytest
 import torch
 
+from stablespike import SpikingMLP
 from stablespike.dynamics import TwinLayout
-from stablespike.lyapunov.renorm import renormalize
+from stablespike.lyapunov import finite_difference_lyapunov, native
+from stablespike.lyapunov.renorm import Renormalizer, renormalize
+
+HAS_COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def path(request, monkeypatch):
+    """Run a test with the C kernel, then with the PyTorch operations."""
+    if request.param == "native" and native.kernel(torch.float64) is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    monkeypatch.setenv("STABLESPIKE_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
 
 
 def layouts():
@@ -14,7 +30,7 @@ def layouts():
 @pytest.mark.parametrize("inplace", [False, True], ids=["new tensors", "in place"])
 @pytest.mark.parametrize("twins", layouts(), ids=["all rows", "sub-batch"])
 @pytest.mark.parametrize("groups", [[(0, 1, 2)], [(0,), (1, 2)]], ids=["global", "per-layer"])
-def test_backward_matches_numerical_gradient(twins, groups, inplace):
+def test_backward_matches_numerical_gradient(twins, groups, inplace, path):
     g = torch.Generator().manual_seed(0)
     rows = twins.batch + twins.twins
     states = [torch.randn(rows, *shape, generator=g, dtype=torch.float64, requires_grad=True)
@@ -30,7 +46,7 @@ def test_backward_matches_numerical_gradient(twins, groups, inplace):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["new tensors", "in place"])
 @pytest.mark.parametrize("twins", layouts(), ids=["all rows", "sub-batch"])
-def test_values_match_plain_operations(twins, inplace):
+def test_values_match_plain_operations(twins, inplace, path):
     g = torch.Generator().manual_seed(1)
     rows = twins.batch + twins.twins
     states = [torch.randn(rows, 6, generator=g, dtype=torch.float64) for _ in range(2)]
@@ -55,3 +71,80 @@ def test_in_place_update_is_refused_when_autograd_saved_the_state():
     norm, (new,) = renormalize(twins, [(0,)], 0.1, [state], inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (saved.sum() + new.sum() + norm.sum()).backward()
+
+
+def test_the_kernel_builds_where_there_is_a_compiler():
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    assert native.kernel(torch.float32) is not None and native.kernel(torch.float64) is not None
+    assert native.kernel(torch.float16) is None  # half precision takes the PyTorch operations
+
+
+def _run(twins, groups, states, grads, g_total, env, monkeypatch):
+    """Values and input gradients of one in-place renormalization, with STABLESPIKE_NATIVE=env."""
+    monkeypatch.setenv("STABLESPIKE_NATIVE", env)
+    leaves = [s.clone().requires_grad_(True) for s in states]
+    copies = [x * 1.0 for x in leaves]
+    norm, new = Renormalizer(twins, groups, 0.2, inplace=True)(copies)
+    outputs = [norm] + [n for n, g in zip(new, grads) if g is not None]
+    seeds = [g_total] + [g for g in grads if g is not None]
+    kept = [(o, g) for o, g in zip(outputs, seeds) if g is not None]
+    torch.autograd.backward([o for o, _ in kept], [g for _, g in kept])
+    return [norm.detach()] + [n.detach() for n in new], [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("twins", layouts(), ids=["all rows", "sub-batch"])
+@pytest.mark.parametrize("groups", [[(0, 1, 2)], [(0, 2), (1,)]], ids=["global", "per-layer"])
+@pytest.mark.parametrize("seeded", ["all", "no norm gradient", "one state without gradient"])
+def test_kernel_equals_pytorch_operations(twins, groups, dtype, tol, seeded, monkeypatch):
+    if native.kernel(dtype) is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    g = torch.Generator().manual_seed(2)
+    rows = twins.batch + twins.twins
+    states = [torch.randn(rows, *shape, generator=g, dtype=dtype) for shape in [(7,), (2, 3, 4), (5,)]]
+    grads = [torch.randn(s.shape, generator=g, dtype=dtype) for s in states]
+    g_total = None if seeded == "no norm gradient" else torch.randn(twins.twins, generator=g, dtype=dtype)
+    if seeded == "one state without gradient":
+        grads[1] = None
+    fast = _run(twins, groups, states, grads, g_total, "1", monkeypatch)
+    reference = _run(twins, groups, states, grads, g_total, "0", monkeypatch)
+    for a, b in zip(fast[0] + fast[1], reference[0] + reference[1]):
+        assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
+
+
+def test_estimate_and_gradient_are_the_same_with_and_without_the_kernel(monkeypatch):
+    if native.kernel(torch.float64) is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    torch.manual_seed(0)
+    model = SpikingMLP(6, [9, 8, 7], 3).double()
+    x = 2.0 * torch.rand(12, 10, 6, dtype=torch.float64)
+    results = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("STABLESPIKE_NATIVE", env)
+        model.zero_grad()
+        res = finite_difference_lyapunov(model, x, eps=1e-3, fraction=0.5,
+                                         generator=torch.Generator().manual_seed(1))
+        res.exponent.backward()
+        results.append((res.per_sample.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                  for p in model.parameters()]))
+    (lam_a, grads_a), (lam_b, grads_b) = results
+    assert torch.allclose(lam_a, lam_b, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_without_a_working_compiler_the_pytorch_operations_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+    monkeypatch.setenv("STABLESPIKE_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.kernel(torch.float32) is None
+        twins = TwinLayout(3, torch.arange(3))
+        norm, (new,) = renormalize(twins, [(0,)], 0.5, [torch.randn(6, 4)], inplace=True)
+        assert torch.allclose((new[3:] - new[:3]).norm(dim=1), torch.full((3,), 0.5))
+        assert list(tmp_path.iterdir()) == []  # the failed build left nothing behind
+    finally:
+        native._library.cache_clear()

@@ -28,7 +28,7 @@ import torch
 from .._checks import check_fraction, check_positive, check_tensor, user_stacklevel
 from ..dynamics import State, TwinLayout, select_layers, state_spec_of, unroll
 from .precision import maybe_cast
-from .renorm import renormalize
+from .renorm import Renormalizer
 
 RENORM_MODES = ("global", "per_layer")
 
@@ -186,7 +186,8 @@ class _Tracker:
             layers = sorted({spec[i].layer for i in chosen})
             self.groups = [tuple(k for k, i in enumerate(chosen) if spec[i].layer == layer)
                            for layer in layers]
-        self.target = eps / math.sqrt(len(self.groups))  # each group's share of the norm eps
+        # each group's share of the norm eps
+        self.renormalize = Renormalizer(twins, self.groups, eps / math.sqrt(len(self.groups)), inplace)
         self.norms = []  # (K,) divergence at the end of each counted interval
         self.counted_steps = 0
         self.interval_start = 0
@@ -202,8 +203,7 @@ class _Tracker:
         return self._renormalize(tuple(out))[0]
 
     def _renormalize(self, state: State):
-        norm, new = renormalize(self.twins, self.groups, self.target, [state[i] for i in self.chosen],
-                                inplace=self.inplace)
+        norm, new = self.renormalize([state[i] for i in self.chosen])
         out = list(state)
         for i, s in zip(self.chosen, new):
             out[i] = s

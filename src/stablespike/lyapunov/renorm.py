@@ -12,11 +12,15 @@ values; its backward is the chain rule written out (checked by ``torch.autograd.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import ctypes
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..dynamics import TwinLayout
+from . import native
 
 
 def row_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -29,9 +33,9 @@ def row_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class _Renormalize(torch.autograd.Function):
+    """The PyTorch operations (any device); ``inplace`` rewrites the twin rows of ``states``."""
+
     # forward(ctx, ...) style: a separate setup_context costs an inspect.signature per call.
-    # Written for few Python operations per call: on a CPU, a sub-batch estimate's step is bound by
-    # the per-operation overhead of this node, not by its arithmetic on K rows.
     @staticmethod
     def forward(ctx, twins: TwinLayout, groups: Tuple[Tuple[int, ...], ...], target: float,
                 inplace: bool, *states):
@@ -39,7 +43,7 @@ class _Renormalize(torch.autograd.Function):
         partners = [s[:B] if index is None else s.index_select(0, index) for s in states]
         diffs = [torch.sub(s[B:], p) for s, p in zip(states, partners)]
         outs: List[torch.Tensor] = list(states)
-        norms, scales = [], []
+        norms = []
         for group in groups:
             n = row_norm([diffs[j] for j in group])
             scale = target / n
@@ -50,34 +54,92 @@ class _Renormalize(torch.autograd.Function):
                 else:
                     outs[j] = torch.cat([states[j][:B], torch.addcmul(partners[j], diffs[j], col)], dim=0)
             norms.append(n)
-            scales.append(scale)
         if inplace:
             ctx.mark_dirty(*states)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        ctx.B, ctx.index, ctx.groups = B, index, groups
-        ctx.diffs, ctx.norms, ctx.scales, ctx.total = diffs, norms, scales, total
+        ctx.saved = (B, index, groups, target, diffs, norms, total)
         return (total, *outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_total, *g_states):
-        B, index, diffs = ctx.B, ctx.index, ctx.diffs
-        grads: List[torch.Tensor] = [None] * len(g_states)
-        for gi, group in enumerate(ctx.groups):
-            n, scale = ctx.norms[gi], ctx.scales[gi]
-            twin_grads = {j: g_states[j][B:] for j in group if g_states[j] is not None}
-            # dL/dn per row: from the returned total norm, and through scale = target / n from
-            # the rescaled twins (-scale / n * sum_j <G_j, D_j>)
-            coef = None
-            if g_total is not None:
-                coef = g_total if len(ctx.groups) == 1 else g_total * n / ctx.total
-            for j, G in twin_grads.items():
-                dot = torch.linalg.vecdot(G.reshape(G.shape[0], -1), diffs[j].view(G.shape[0], -1))
-                coef = dot.mul(scale / n).neg_() if coef is None else coef.sub(dot.mul(scale / n))
-            if coef is not None:  # then / n; a zero divergence (n at its floor) passes no gradient
-                coef = coef.div(n).nan_to_num_(0.0, 0.0, 0.0)
+        return (None, None, None, None, *_backward(*ctx.saved, g_total, g_states))
+
+
+def _backward(B, index, groups, target, diffs, norms, total, g_total, g_states) -> List[torch.Tensor]:
+    """The chain rule through the renormalization, in PyTorch operations."""
+    grads: List[torch.Tensor] = [None] * len(g_states)
+    for gi, group in enumerate(groups):
+        n = norms[gi]
+        scale = target / n
+        twin_grads = {j: g_states[j][B:] for j in group if g_states[j] is not None}
+        # dL/dn per row: from the returned total norm, and through scale = target / n from
+        # the rescaled twins (-scale / n * sum_j <G_j, D_j>)
+        coef = None
+        if g_total is not None:
+            coef = g_total if len(groups) == 1 else g_total * n / total
+        for j, G in twin_grads.items():
+            dot = torch.linalg.vecdot(G.reshape(G.shape[0], -1), diffs[j].reshape(G.shape[0], -1))
+            coef = dot.mul(scale / n).neg_() if coef is None else coef.sub(dot.mul(scale / n))
+        if coef is not None:  # then / n; a zero divergence (n at its floor) passes no gradient
+            coef = coef.div(n).nan_to_num_(0.0, 0.0, 0.0)
+        for j in group:
+            grads[j] = _state_grad(g_states[j], twin_grads.get(j), diffs[j], scale, coef, B, index)
+    return grads
+
+
+class _NativePlan:
+    """What the C kernel needs besides the tensors, prepared once per estimate (ctypes arrays)."""
+
+    def __init__(self, fns, twins: TwinLayout, groups, target: float, states):
+        self.forward, self.backward = fns
+        self.target = target
+        self.B, self.K, self.G, self.n = twins.batch, twins.twins, len(groups), len(states)
+        self.index = None if twins._all_rows else twins.index  # kept alive for its pointer
+        self.index_ptr = None if self.index is None else self.index.data_ptr()
+        self.shapes = [s.shape for s in states]
+        sizes = [s[0].numel() for s in states]
+        self.diff_size = self.K * sum(sizes)
+        self.widths = (ctypes.c_int64 * self.n)(*sizes)
+        group_of = [0] * self.n
+        for g, group in enumerate(groups):
             for j in group:
-                grads[j] = _state_grad(g_states[j], twin_grads.get(j), diffs[j], scale, coef, B, index)
-        return (None, None, None, None, *grads)
+                group_of[j] = g
+        self.group_of = (ctypes.c_int * self.n)(*group_of)
+        self.tiny = torch.finfo(states[0].dtype).tiny
+
+
+class _NativeRenormalize(torch.autograd.Function):
+    """The same node in one C call per direction (CPU, float32/64, contiguous, in place)."""
+
+    @staticmethod
+    def forward(ctx, plan: _NativePlan, *states):
+        first = states[0]
+        flat = first.new_empty(plan.diff_size)
+        norms = first.new_empty(plan.G, plan.K)
+        total = first.new_empty(plan.K)
+        plan.forward(plan.n, _pointers(states), plan.widths, plan.group_of, plan.G, plan.B, plan.K,
+                     plan.index_ptr, plan.target, plan.tiny, flat.data_ptr(), norms.data_ptr(),
+                     total.data_ptr())
+        ctx.mark_dirty(*states)
+        ctx.plan, ctx.buffers = plan, (flat, norms, total)
+        return (total, *states)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_total, *g_states):
+        plan, (flat, norms, total) = ctx.plan, ctx.buffers
+        g_states = [None if g is None else g.contiguous() for g in g_states]
+        grads = [flat.new_empty(shape) for shape in plan.shapes]
+        plan.backward(plan.n, _pointers(g_states), _pointers(grads), plan.widths, plan.group_of,
+                      plan.G, plan.B, plan.K, plan.index_ptr, plan.target, flat.data_ptr(),
+                      norms.data_ptr(), total.data_ptr(),
+                      None if g_total is None else g_total.contiguous().data_ptr())
+        return (None, *grads)
+
+
+def _pointers(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
 def _col_shape(like: torch.Tensor) -> Tuple[int, ...]:
@@ -112,19 +174,53 @@ def _state_grad(g, G, d, scale, coef, B: int, index) -> torch.Tensor:
     return grad
 
 
+class Renormalizer:
+    """Rescales each group's twin divergence to norm ``target`` per sample; one per estimate,
+    called at every renormalization step (what stays the same between steps is prepared once).
+
+    ``groups``: positions into the state list that share one norm (one group: global
+    renormalization). ``inplace``: overwrite the twin rows of the states instead of building new
+    tensors; only for steppers that never save their state tensors for backward (autograd raises
+    if one did). In place on the CPU (float32/64, contiguous) it runs the C kernel of
+    :mod:`.native` when that could be built.
+    """
+
+    def __init__(self, twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,
+                 inplace: bool = False):
+        self.twins, self.target, self.inplace = twins, float(target), inplace
+        self.groups = tuple(tuple(g) for g in groups)
+        self._plan, self._plan_key = None, None
+
+    def __call__(self, states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``states``: the perturbed tensors ``(B + K, ...)``. Returns the total divergence norm
+        before rescaling ``(K,)`` and the new state tensors."""
+        # autograd cannot rewrite views (e.g. outputs wrapped by full backward hooks) or leaves in place
+        inplace = self.inplace and all(s._base is None and not (s.is_leaf and s.requires_grad)
+                                       for s in states)
+        plan = self._native_plan(states) if inplace else None
+        if plan is not None:
+            total, *outs = _NativeRenormalize.apply(plan, *states)
+        else:
+            total, *outs = _Renormalize.apply(self.twins, self.groups, self.target, inplace, *states)
+        return total, outs
+
+    def _native_plan(self, states) -> Optional[_NativePlan]:
+        dtype = states[0].dtype
+        if any(s.device.type != "cpu" or s.dtype != dtype or not s.is_contiguous() for s in states):
+            return None
+        key = (native.enabled(), dtype, tuple(s.shape for s in states))
+        if key != self._plan_key:
+            fns = native.kernel(dtype)
+            index = self.twins.index
+            usable = fns is not None and (self.twins._all_rows or (
+                index.device.type == "cpu" and index.dtype == torch.int64 and index.is_contiguous()))
+            self._plan = _NativePlan(fns, self.twins, self.groups, self.target, states) if usable else None
+            self._plan_key = key
+        return self._plan
+
+
 def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,
                 states: Sequence[torch.Tensor], inplace: bool = False
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Rescale each group's twin divergence to norm ``target`` per sample.
-
-    ``states``: the perturbed state tensors ``(B + K, ...)``; ``groups``: positions into
-    ``states`` that share one norm (one group: global renormalization).
-    ``inplace``: overwrite the twin rows of ``states`` instead of building new tensors. Only for
-    steppers that never save their state tensors for backward (autograd raises if one did).
-    Returns the total divergence norm before rescaling ``(K,)`` and the new state tensors.
-    """
-    # autograd cannot rewrite views (e.g. outputs wrapped by full backward hooks) or leaves in place
-    inplace = inplace and all(s._base is None and not (s.is_leaf and s.requires_grad) for s in states)
-    total, *outs = _Renormalize.apply(twins, tuple(tuple(g) for g in groups), float(target),
-                                      inplace, *states)
-    return total, outs
+    """One renormalization (see :class:`Renormalizer`)."""
+    return Renormalizer(twins, groups, target, inplace)(states)
