@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .._checks import check_fraction, check_positive, check_tensor, user_stacklevel
-from ..dynamics import State, TwinLayout, select_layers, state_spec_of, unroll
+from ..dynamics import State, TwinLayout, initial_state, select_layers, state_spec_of, unroll
 from .precision import maybe_cast
 from .renorm import Renormalizer
 
@@ -126,14 +126,20 @@ def finite_difference_lyapunov(
         raise ValueError(
             f"discard: {discard} leaves no whole renormalization interval of {renorm_every} steps "
             f"in T={T} steps")
-    twins = TwinLayout(B, _choose_rows(B, fraction, x.device, generator))
+    rows = _choose_rows(B, fraction, x.device, generator)
 
     with maybe_cast(stepper, twin_dtype) as run_stepper:
+        # steppers that can carry their twins as differences do so when the twins are many: then
+        # that skips most of their products; with few, the twins' own rows cost less than
+        # handing their partners' gradients to all B rows
+        differences = getattr(run_stepper, "supports_twin_differences", False) and 2 * rows.numel() >= B
+        twins = TwinLayout(B, rows, differences=differences)
         dtype = twin_dtype or x.dtype
-        state = tuple(run_stepper.init_state(B + twins.twins, x.device, dtype))
-        spec = state_spec_of(run_stepper, state)
+        state = initial_state(run_stepper, B, twins, x.device, dtype)
+        spec = state_spec_of(run_stepper, state[:len(state) // 2] if twins.differences else state)
         chosen = select_layers(spec, layers)
-        _warn_if_unresolved(eps, sum(state[i][0].numel() for i in chosen), dtype)
+        if not twins.differences:  # a difference carried as such keeps its own precision
+            _warn_if_unresolved(eps, sum(state[i][0].numel() for i in chosen), dtype)
         # steppers that never save their state for backward let the twin rows be rewritten in place
         inplace = bool(getattr(run_stepper, "twin_state_inplace", False))
         tracker = _Tracker(twins, spec, chosen, eps, renorm, discard, int(renorm_every), T,
@@ -177,7 +183,9 @@ class _Tracker:
 
     def __init__(self, twins: TwinLayout, spec, chosen, eps, renorm, discard, every, steps,
                  count_flips, inplace):
-        self.twins, self.chosen, self.eps, self.inplace = twins, chosen, eps, inplace
+        self.twins, self.chosen, self.eps = twins, chosen, eps
+        # where the perturbed tensors sit in the state: their twin rows, or their differences
+        self.offset = len(spec) if twins.differences else 0
         self.discard, self.every, self.last = discard, every, steps - 1
         self.spikes = tuple(i for i, s in enumerate(spec) if s.kind == "spike") if count_flips else ()
         if renorm == "global":
@@ -194,19 +202,23 @@ class _Tracker:
         self.flips = []
 
     def perturb(self, state: State, generator) -> State:
-        """Twin rows := their nominal rows + a random direction of norm eps (per sample)."""
+        """Twins := their nominal rows + a random direction of norm eps (per sample)."""
         tw, out = self.twins, list(state)
         for i in self.chosen:
             partner = tw.partner(state[i])
             noise = torch.randn(partner.shape, generator=generator, device="cpu", dtype=partner.dtype)
-            out[i] = torch.cat([tw.nominal(state[i]), partner + noise.to(partner.device)])
+            noise = noise.to(partner.device)
+            if tw.differences:
+                out[self.offset + i] = noise
+            else:
+                out[i] = torch.cat([tw.nominal(state[i]), partner + noise])
         return self._renormalize(tuple(out))[0]
 
     def _renormalize(self, state: State):
-        norm, new = self.renormalize([state[i] for i in self.chosen])
+        norm, new = self.renormalize([state[self.offset + i] for i in self.chosen])
         out = list(state)
         for i, s in zip(self.chosen, new):
-            out[i] = s
+            out[self.offset + i] = s
         return tuple(out), norm
 
     def __call__(self, t: int, out_t: torch.Tensor, state: State) -> State:
@@ -236,7 +248,10 @@ class _Tracker:
     @torch.no_grad()
     def _count_flips(self, state: State) -> None:
         tw = self.twins
-        differ = [(tw.twin(state[i]) != tw.partner(state[i])).flatten(1) for i in self.spikes]
+        if tw.differences:
+            differ = [state[self.offset + i].ne(0).flatten(1) for i in self.spikes]
+        else:
+            differ = [(tw.twin(state[i]) != tw.partner(state[i])).flatten(1) for i in self.spikes]
         self.flips.append(torch.cat(differ, dim=1).any(dim=1).sum())
 
     def flip_fraction(self, steps: int) -> float:

@@ -194,6 +194,8 @@ class Renormalizer:
     def __call__(self, states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``states``: the perturbed tensors ``(B + K, ...)``. Returns the total divergence norm
         before rescaling ``(K,)`` and the new state tensors."""
+        if self.twins.differences:
+            return _renormalize_differences(states, self.groups, self.target)
         # autograd cannot rewrite views (e.g. outputs wrapped by full backward hooks) or leaves in place
         inplace = self.inplace and all(s._base is None and not (s.is_leaf and s.requires_grad)
                                        for s in states)
@@ -217,6 +219,20 @@ class Renormalizer:
             self._plan = _NativePlan(fns, self.twins, self.groups, self.target, states) if usable else None
             self._plan_key = key
         return self._plan
+
+
+def _renormalize_differences(deltas, groups, target: float):
+    """Twins carried as differences ``(K, ...)``: rescale each group to norm ``target``; no
+    partner rows are involved, so plain operations on ``K`` rows do it."""
+    outs, norms = list(deltas), []
+    for group in groups:
+        n = row_norm([deltas[j] for j in group])
+        scale = target / n
+        for j in group:
+            outs[j] = deltas[j] * scale.view(_col_shape(deltas[j]))
+        norms.append(n)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    return total, outs
 
 
 def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,

@@ -14,6 +14,8 @@ from torch import nn
 from .._checks import check_tensor, describe
 from ..dynamics import StateSpec, TwinLayout, shared_batch_norm, shared_input
 from ..surrogate import fast_sigmoid
+from ..twin_differences import (batch_norm_difference, batch_norm_nominal, layer_difference,
+                                leaky_difference, leaky_supports_differences, pool_difference)
 from .base import SeedModel, leaky, zeros_state
 
 CHANNEL_CAP = 512
@@ -125,8 +127,15 @@ class SpikingVGG(SeedModel):
         return tuple(StateSpec(i, "membrane") for i in range(n)) + tuple(
             StateSpec(i, "spike") for i in range(n))
 
+    @property
+    def supports_twin_differences(self) -> bool:
+        """Twins may be carried as differences (:mod:`stablespike.twin_differences`)."""
+        return all(leaky_supports_differences(block.lif) for blocks in self.stages for block in blocks)
+
     def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
         """One step: image ``x_t (B, C, H, W)`` -> ``(pooled spikes flattened (B+K, F), state)``."""
+        if twins is not None and twins.differences:
+            return self._step_differences(x_t, state, twins)
         h, k = x_t, 0
         mems, spikes = [], []
         for blocks, pool in zip(self.stages, self.pools):
@@ -137,6 +146,31 @@ class SpikingVGG(SeedModel):
                 h, k = spk, k + 1
             h = pool(h)
         return h.flatten(1), tuple(mems) + tuple(spikes)
+
+    def _step_differences(self, x_t: torch.Tensor, state, twins: TwinLayout):
+        """The step with twins as differences: state = nominal ``(B, C_l, H_l, W_l)`` tensors,
+        then their ``(K, ...)`` differences; returns the nominal output ``(B, F)`` only."""
+        n = self.total_conv_layers
+        nominal, deltas = state[:2 * n], state[2 * n:]
+        h, dh, k = x_t, None, 0  # the twins share the image: no first-block difference
+        mems, spikes, dmems, dspikes = [], [], [], []
+        for blocks, pool in zip(self.stages, self.pools):
+            for block in blocks:
+                conv = block.conv(h)
+                normed, invstd = batch_norm_nominal(block.bn, conv)
+                current = None
+                if dh is not None:
+                    dconv, nonzero = layer_difference(block.conv, dh, conv)
+                    current = batch_norm_difference(block.bn, conv, dconv, nonzero, invstd)
+                spk, mem = block.lif(normed, nominal[k])
+                dmem, dspk = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins)
+                mems.append(mem)
+                spikes.append(spk)
+                dmems.append(dmem)
+                dspikes.append(dspk)
+                h, dh, k = spk, dspk, k + 1
+            h, dh = pool(h), pool_difference(pool, dh)
+        return h.flatten(1), tuple(mems) + tuple(spikes) + tuple(dmems) + tuple(dspikes)
 
     # --- seed API ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,

@@ -1,0 +1,273 @@
+"""Twin trajectories carried as differences from their nominal rows (the seed models' fast path).
+
+The finite-difference estimator follows a perturbed twin of some batch rows. A stepper may carry
+the twin as its difference ``delta = twin - partner`` (``K`` rows) next to the nominal state
+(``B`` rows), instead of as ``K`` extra state rows: the nominal rows then run the ordinary step,
+untouched, and the twins cost only what differs. For spiking layers fed by spikes that is little:
+a twin's input spikes equal its partner's except where a spike flipped, so the difference of a
+linear or convolution layer's output is ``A(delta_in)``, zero for rows without flips; the
+difference of a batch norm with shared statistics is ``A(delta_in) * weight / std``; and an LIF
+neuron's membrane difference obeys
+
+    delta' = beta * delta + delta_current - threshold * (reset(twin) - reset(partner)).
+
+These are the same functions of the parameters as the twin rows (so the same values and the
+same gradients, up to float rounding; tests compare the two modes), written so that products
+with the weights are taken only where they are not zero, except the input gradient, which the
+surrogate needs on every twin row.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import snntorch as snn
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .dynamics import TwinLayout
+
+
+def leaky_supports_differences(lif: nn.Module) -> bool:
+    """True for an snnTorch ``Leaky`` whose step :func:`leaky_difference` reproduces: subtractive
+    delayed reset (the defaults), no state quantization or inhibition, fixed decay and threshold,
+    and a surrogate that states its derivative (``spike_grad.derivative``, as
+    :class:`stablespike.surrogate.FastSigmoid`)."""
+    return (isinstance(lif, snn.Leaky) and lif.reset_mechanism_val == 0 and bool(lif.reset_delay)
+            and not lif.state_quant and not lif.inhibition
+            and callable(getattr(lif.spike_grad, "derivative", None))
+            and not any(getattr(lif, name).requires_grad
+                        for name in ("beta", "threshold", "graded_spikes_factor")))
+
+
+def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
+                     delta: torch.Tensor, delta_current: Optional[torch.Tensor],
+                     twins: TwinLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step of the twins of an snnTorch ``Leaky`` layer, as differences.
+
+    ``mem_prev``, ``mem``: the nominal membrane before and after the step ``(B, ...)``; ``delta``: twin minus partner membrane before the step ``(K, ...)``;
+    ``delta_current``: twin minus partner input current (None: the same input).
+    Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each.
+    One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
+    their arithmetic.
+    """
+    return _LeakyDifference.apply(lif, twins, mem_prev, mem, delta, delta_current)
+
+
+class _LeakyDifference(torch.autograd.Function):
+    """Forward (snnTorch ``Leaky``, subtract reset; ``p`` the partner rows)::
+
+        reset = H(p(mem_prev) + delta - thr) - H(p(mem_prev) - thr)      (detached, as snnTorch)
+        new   = beta * delta + delta_current - thr * reset
+        dspk  = factor * (H(p(mem) + new - thr) - H(p(mem) - thr))
+
+    (the second spike is the partner's own, recomputed from its membrane: then the partners
+    receive one gradient, not two). Backward with ``s_u = factor * surrogate'(u)``:
+    ``d new = g_new + g_dspk * s_twin``, ``d delta = beta * d new``, ``d delta_current = d new``,
+    ``d p(mem) = g_dspk * (s_twin - s_partner)``.
+    """
+
+    @staticmethod
+    def forward(ctx, lif, twins, mem_prev, mem, delta, delta_current):
+        beta, thr, factor = lif.beta.clamp(0, 1), lif.threshold, lif.graded_spikes_factor
+        partner_prev = twins.partner(mem_prev)
+        # comparisons written into float tensors: several times faster on a CPU than bool -> float
+        reset = torch.gt(partner_prev + delta, thr, out=torch.empty_like(delta))
+        reset -= torch.gt(partner_prev, thr, out=torch.empty_like(delta))
+        new = delta * beta
+        new -= reset.mul_(thr)
+        if delta_current is not None:
+            new += delta_current
+        u_partner = twins.partner(mem) - thr
+        u_twin = u_partner + new
+        dspk = torch.gt(u_twin, 0, out=torch.empty_like(new))
+        dspk -= torch.gt(u_partner, 0, out=torch.empty_like(new))
+        if bool(factor != 1):
+            dspk *= factor
+        ctx.save_for_backward(u_twin, u_partner)
+        ctx.lif, ctx.twins, ctx.beta, ctx.factor = lif, twins, beta, factor
+        ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None
+        return new, dspk
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_new, g_dspk):
+        u_twin, u_partner = ctx.saved_tensors
+        derivative = ctx.lif.spike_grad.derivative
+        g_new = torch.zeros_like(u_twin) if g_new is None else g_new
+        g_mem = None
+        if g_dspk is not None:
+            g_dspk = g_dspk * ctx.factor
+            through_twin = g_dspk * derivative(u_twin)
+            g_new = g_new + through_twin
+            g_mem = ctx.twins.scatter_to_partners(through_twin - g_dspk * derivative(u_partner),
+                                                  ctx.mem_shape)
+        g_current = g_new if ctx.has_current else None
+        return None, None, None, g_mem, g_new * ctx.beta, g_current
+
+
+def layer_difference(layer: nn.Module, delta: torch.Tensor, nominal_out: torch.Tensor
+                     ) -> Tuple[torch.Tensor, bool]:
+    """``A(delta)`` for a ``nn.Linear`` or zero-padded ``nn.Conv2d`` (its weight's linear map, no
+    bias) and whether any row of ``delta`` is non-zero. ``nominal_out``: the layer's output on the
+    nominal rows (for the output shape)."""
+    conv = conv_arguments(layer)
+    if conv is False:
+        raise TypeError(f"layer: expected nn.Linear or a zero-padded nn.Conv2d, got {type(layer).__name__}")
+    rows = nonzero_rows(delta)
+    out = _LinearMapOfDifference.apply(delta, layer.weight, _WeightMap(conv),
+                                       tuple(nominal_out.shape[1:]), rows)
+    return out, rows.numel() > 0
+
+
+def conv_arguments(layer: nn.Module):
+    """None for ``nn.Linear``; ``(stride, padding, dilation, groups)`` for an ``nn.Conv2d`` with
+    zero padding given as numbers; False for any other layer."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return (list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups)
+    return False
+
+
+def nonzero_rows(delta: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``delta (K, ...)`` with a non-zero entry, ``(k,)``."""
+    return delta.flatten(1).any(1).nonzero().squeeze(1)
+
+
+def batch_norm_nominal(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``bn(x)`` on the nominal rows ``(B, C, ...)``, and the ``(C,)`` inverse standard deviation it
+    normalized with (detached), or None where it is not at hand (hooks on ``bn``: called as is).
+
+    In training mode this is ``nn.BatchNorm``'s own forward (running statistics, momentum,
+    ``num_batches_tracked``) through ``torch.native_batch_norm``, which returns the statistics.
+    """
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        return bn(x), None
+    if not bn.training and bn.running_var is not None:
+        return bn(x), torch.rsqrt(bn.running_var + bn.eps)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    track = bn.training and bn.track_running_stats
+    if track and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn._check_input_dim(x)
+    out, _, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean if track else None,
+                                             bn.running_var if track else None, True, factor, bn.eps)
+    return out, invstd
+
+
+def batch_norm_difference(bn: nn.modules.batchnorm._BatchNorm, nominal_in: torch.Tensor,
+                          delta: torch.Tensor, nonzero: bool, invstd: Optional[torch.Tensor]
+                          ) -> torch.Tensor:
+    """Output difference of a batch norm whose twins share the nominal rows' statistics:
+    ``delta * weight * invstd``, with the batch statistics of ``nominal_in (B, C, ...)`` in
+    training mode, the running variance otherwise.
+
+    With ``delta`` zero in value (``nonzero`` False) the gradient through the statistics,
+    ``sum(grad * delta)``, is zero, so the detached ``invstd`` of the nominal batch norm serves
+    (:func:`batch_norm_nominal`); otherwise the statistics are recomputed with autograd.
+    """
+    differentiable = torch.is_grad_enabled() and nonzero
+    if differentiable or invstd is None:
+        with torch.set_grad_enabled(differentiable):
+            if bn.training or bn.running_var is None:
+                dims = [0] + list(range(2, nominal_in.dim()))
+                n = nominal_in.numel() // nominal_in.shape[1]
+                centered = nominal_in - (nominal_in.sum(dims) / n).view(_channel_shape(nominal_in))
+                var = (centered * centered).sum(dims) / n
+            else:
+                var = bn.running_var
+            invstd = torch.rsqrt(var + bn.eps)
+    scale = invstd * bn.weight if bn.affine else invstd
+    return delta * scale.view(_channel_shape(delta))
+
+
+def pool_difference(pool: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """An average pooling (linear) of the difference ``(K, C, H, W)``, pooled only on its non-zero
+    rows, and without the module's hooks: monitors on the pool see only the nominal rows."""
+    if isinstance(pool, nn.Identity):
+        return delta
+    if not isinstance(pool, nn.AvgPool2d):
+        raise TypeError(f"pool: expected nn.AvgPool2d or nn.Identity, got {type(pool).__name__}")
+    pool_map = _PoolMap(pool)
+    return _LinearMapOfDifference.apply(delta, None, pool_map, pool_map.out_shape(delta),
+                                        nonzero_rows(delta))
+
+
+def _channel_shape(like: torch.Tensor):
+    return (1, -1) + (1,) * (like.dim() - 2)
+
+
+class _LinearMapOfDifference(torch.autograd.Function):
+    """``A(delta)`` for a linear map ``A`` (a layer's weight without bias, or a pooling) and
+    ``delta (K, ...)``; the forward and the weight-gradient products are taken on the non-zero
+    ``rows`` only, the input gradient on all rows."""
+
+    @staticmethod
+    def forward(ctx, delta, weight, linear_map, out_shape, rows):
+        out = delta.new_zeros((delta.shape[0],) + out_shape)
+        if rows.numel():
+            out[rows] = linear_map(delta[rows], weight)
+        ctx.save_for_backward(delta, weight, rows)
+        ctx.linear_map = linear_map
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        delta, weight, rows = ctx.saved_tensors
+        linear_map, g = ctx.linear_map, g.contiguous()
+        g_delta = linear_map.input_grad(g, delta, weight) if ctx.needs_input_grad[0] else None
+        g_weight = None
+        if weight is not None and ctx.needs_input_grad[1] and rows.numel():
+            g_weight = linear_map.weight_grad(g[rows], delta[rows], weight)
+        return g_delta, g_weight, None, None, None
+
+
+class _WeightMap:
+    """``x @ W.T`` (``conv`` None) or ``conv2d(x, W)`` with ``conv = (stride, padding, dilation,
+    groups)``, and its input and weight gradients."""
+
+    def __init__(self, conv):
+        self.conv = conv
+
+    def __call__(self, x, weight):
+        if self.conv is None:
+            return x @ weight.t()
+        stride, padding, dilation, groups = self.conv
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    def input_grad(self, g, x, weight):
+        return g @ weight if self.conv is None else self._conv_backward(g, x, weight, 0)
+
+    def weight_grad(self, g, x, weight):
+        return g.t() @ x if self.conv is None else self._conv_backward(g, x, weight, 1)
+
+    def _conv_backward(self, g, x, weight, which: int):
+        stride, padding, dilation, groups = self.conv
+        mask = [which == 0, which == 1, False]
+        return torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation,
+                                                   False, [0] * len(stride), groups, mask)[which]
+
+
+class _PoolMap:
+    """``avg_pool2d`` with an ``nn.AvgPool2d``'s settings, and its input gradient."""
+
+    def __init__(self, pool: nn.AvgPool2d):
+        self.args = (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode,
+                     pool.count_include_pad, pool.divisor_override)
+
+    def __call__(self, x, _weight=None):
+        return F.avg_pool2d(x, *self.args)
+
+    def out_shape(self, x):
+        return tuple(self(x[:1]).shape[1:])  # one row: the exact shape rules of avg_pool2d
+
+    def input_grad(self, g, x, _weight=None):
+        kernel, stride, padding, ceil_mode, include_pad, divisor = self.args
+        pair = torch.nn.modules.utils._pair
+        return torch.ops.aten.avg_pool2d_backward(g, x, pair(kernel), pair(stride or kernel),
+                                                  pair(padding), ceil_mode, include_pad, divisor)

@@ -1,0 +1,165 @@
+"""Twins carried as differences (the VGG's fast path) against twins carried as rows of the state:
+the same estimate, outputs, flips and parameter gradients; and the pieces against their
+definitions (PyTorch's own layers, gradcheck)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablespike import SpikingMLP, SpikingVGG
+from stablespike.dynamics import TwinLayout, unroll
+from stablespike.lyapunov import finite_difference_lyapunov
+from stablespike.twin_differences import (batch_norm_nominal, layer_difference, nonzero_rows,
+                                          pool_difference)
+
+
+def _estimate(model, x, differences: bool, monkeypatch, **kwargs):
+    """The estimate and the parameter gradients of its exponent, twins as differences or rows."""
+    with monkeypatch.context() as m:
+        if not differences:
+            m.setattr(SpikingVGG, "supports_twin_differences", property(lambda self: False))
+        model.zero_grad()
+        res = finite_difference_lyapunov(model, x, generator=torch.Generator().manual_seed(1), **kwargs)
+        (res.exponent + res.outputs.pow(2).mean()).backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    stats = [b.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
+    return res, grads, stats
+
+
+def _vgg(train: bool):
+    torch.manual_seed(0)
+    model = SpikingVGG(2, 3, base_channels=4, num_stages=2, blocks_per_stage=2, T=5, input_size=8,
+                       threshold=0.4, dropout=0.0).double()
+    return model.train(train)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["batch statistics", "running statistics"])
+@pytest.mark.parametrize("eps,fraction,options", [
+    (1e-6, 1.0, {}),                                          # no spike flips
+    (0.3, 1.0, {}),                                           # many flips
+    (0.3, 0.5, {"renorm": "per_layer"}),                      # a random half of the rows
+    (0.3, 1.0, {"layers": [1, -1], "renorm_every": 2}),
+], ids=["no flips", "flips", "half the rows, per layer", "some layers, every 2 steps"])
+def test_differences_give_what_twin_rows_give(train, eps, fraction, options, monkeypatch):
+    x = 2.0 * torch.rand(5, 6, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model = _vgg(train)
+    twin_rows = copy.deepcopy(model)
+    a, grads_a, stats_a = _estimate(model, x, True, monkeypatch, eps=eps, fraction=fraction, **options)
+    b, grads_b, stats_b = _estimate(twin_rows, x, False, monkeypatch, eps=eps, fraction=fraction, **options)
+    if eps > 0.1:
+        assert a.flip_fraction > 0.2  # the case that exercises the flips
+    else:
+        assert a.flip_fraction == 0.0
+    assert a.flip_fraction == b.flip_fraction
+    assert torch.allclose(a.per_sample, b.per_sample, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(a.outputs, b.outputs, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads_a)
+    for ga, gb in zip(grads_a, grads_b):
+        # twin rows hold twin - partner with cancellation (~1e-16 / eps relative): a little noise
+        assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-6 * float(gb.abs().max())), (ga - gb).abs().max()
+    for sa, sb in zip(stats_a, stats_b):  # running statistics and num_batches_tracked
+        assert torch.allclose(sa, sb, rtol=1e-12, atol=1e-12)
+
+
+def test_the_vgg_carries_many_twins_as_differences_and_few_as_rows():
+    model = SpikingVGG(1, 2, base_channels=2, num_stages=1, blocks_per_stage=1, T=2, input_size=4)
+    assert model.supports_twin_differences
+    seen = []
+    step = model.step
+    model.step = lambda x_t, state, twins=None: seen.append(twins.differences) or step(x_t, state, twins)
+    x = torch.rand(2, 8, 1, 4, 4)
+    finite_difference_lyapunov(model, x, fraction=1.0)
+    finite_difference_lyapunov(model, x, fraction=0.25)
+    assert seen == [True, True, False, False]
+
+
+def test_a_vgg_with_an_snntorch_surrogate_keeps_twin_rows():
+    import snntorch.surrogate as sg
+    model = SpikingVGG(1, 2, base_channels=2, num_stages=1, blocks_per_stage=1, T=2, input_size=4,
+                       spike_grad=sg.atan())
+    assert not model.supports_twin_differences  # its surrogate states no derivative
+    res = finite_difference_lyapunov(model, torch.rand(2, 3, 1, 4, 4))
+    assert torch.isfinite(res.exponent)
+
+
+def test_unroll_refuses_differences_for_a_stepper_without_them():
+    model = SpikingMLP(3, [4], 2)
+    twins = TwinLayout(2, torch.arange(2), differences=True)
+    with pytest.raises(ValueError, match="twins: differences=True needs.*SpikingMLP"):
+        unroll(model, torch.rand(3, 2, 3), twins=twins)
+    vgg = SpikingVGG(1, 2, base_channels=2, num_stages=1, blocks_per_stage=1, T=2, input_size=4)
+    bad = tuple(vgg.init_state(5, None, torch.float32)) * 2
+    with pytest.raises(ValueError, match="state: expected 2 nominal tensors with 2 rows"):
+        unroll(vgg, torch.rand(2, 2, 1, 4, 4), bad, twins=twins)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                                   nn.Conv2d(3, 2, 3, stride=2, padding=1)],
+                         ids=["linear", "conv", "strided conv with bias"])
+def test_layer_difference_is_the_weights_linear_map_with_its_gradients(layer):
+    layer = layer.double()
+    shape = (5, 6) if isinstance(layer, nn.Linear) else (5, 3, 6, 6)
+    delta = torch.randn(*shape, dtype=torch.float64)
+    delta[1] = 0.0
+    delta[3] = 0.0  # rows without flips
+    delta.requires_grad_(True)
+    nominal_out = layer(torch.zeros(2, *shape[1:], dtype=torch.float64))
+    out, nonzero = layer_difference(layer, delta, nominal_out)
+    bias = layer.bias if layer.bias is not None else None
+    expected = layer(delta) - (0 if bias is None else bias.view((1, -1) + (1,) * (delta.dim() - 2)))
+    assert nonzero and torch.allclose(out, expected, atol=1e-12)
+    assert not layer_difference(layer, torch.zeros_like(delta), nominal_out)[1]
+    weight = layer.weight
+    torch.autograd.gradcheck(lambda d, w: layer_difference(_with_weight(layer, w), d, nominal_out)[0],
+                             (delta, weight))
+
+
+def _with_weight(layer, weight):
+    clone = copy.copy(layer)
+    clone.weight = weight
+    return clone
+
+
+def test_pool_difference_is_average_pooling_with_its_gradient():
+    pool = nn.AvgPool2d(2)
+    delta = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    delta[0] = 0.0
+    delta.requires_grad_(True)
+    assert torch.allclose(pool_difference(pool, delta), F.avg_pool2d(delta, 2))
+    torch.autograd.gradcheck(lambda d: pool_difference(pool, d), (delta,))
+    assert pool_difference(nn.Identity(), delta) is delta
+    assert nonzero_rows(delta).tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_nominal_batch_norm_is_the_modules_forward_and_gives_its_statistics(momentum):
+    a = nn.BatchNorm2d(3, momentum=momentum).train()
+    b = copy.deepcopy(a)
+    for _ in range(2):
+        x = torch.randn(5, 3, 4, 4) * 2 + 1
+        out, invstd = batch_norm_nominal(a, x)
+        assert torch.allclose(out, b(x), atol=1e-6)
+        assert torch.allclose(invstd, torch.rsqrt(x.var((0, 2, 3), unbiased=False) + a.eps), rtol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(a, name).float(), getattr(b, name).float())
+    a.eval()
+    out, invstd = batch_norm_nominal(a, x)
+    assert torch.allclose(invstd, torch.rsqrt(a.running_var + a.eps))
+
+
+def test_differences_keep_float32_precision_where_twin_rows_lose_it(monkeypatch, recwarn):
+    """A float32 twin row holds partner + delta at membrane scale (delta ~1e-6 per value loses
+    bits); a difference carried as such does not: float32 equals the float64 estimate."""
+    torch.manual_seed(0)
+    model = SpikingVGG(3, 10, base_channels=8, num_stages=2, blocks_per_stage=1, T=6, input_size=16).eval()
+    x = torch.rand(6, 8, 3, 16, 16)
+    run = lambda **kw: finite_difference_lyapunov(model, x, eps=1e-4, generator=torch.Generator().manual_seed(0),
+                                                  **kw).per_sample.detach()
+    reference = run(twin_dtype=torch.float64)
+    assert (run() - reference).abs().max() < 1e-5
+    assert not [w for w in recwarn if "resolves" in str(w.message)]
+    monkeypatch.setattr(SpikingVGG, "supports_twin_differences", property(lambda self: False))
+    with pytest.warns(RuntimeWarning, match="resolves"):
+        assert (run() - reference).abs().max() > 1e-4
