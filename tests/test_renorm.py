@@ -8,7 +8,8 @@ import torch
 
 from stablespike import SpikingMLP
 from stablespike.dynamics import TwinLayout
-from stablespike.lyapunov import finite_difference_lyapunov, native
+from stablespike import native
+from stablespike.lyapunov import finite_difference_lyapunov
 from stablespike.lyapunov.renorm import Renormalizer, renormalize
 
 HAS_COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))

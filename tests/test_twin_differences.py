@@ -42,7 +42,9 @@ def _vgg(train: bool):
     (0.3, 0.5, {"renorm": "per_layer"}),                      # a random half of the rows
     (0.3, 1.0, {"layers": [1, -1], "renorm_every": 2}),
 ], ids=["no flips", "flips", "half the rows, per layer", "some layers, every 2 steps"])
-def test_differences_give_what_twin_rows_give(train, eps, fraction, options, monkeypatch):
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["C kernel", "PyTorch operations"])
+def test_differences_give_what_twin_rows_give(train, eps, fraction, options, kernel, monkeypatch):
+    monkeypatch.setenv("STABLESPIKE_NATIVE", kernel)
     x = 2.0 * torch.rand(5, 6, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     model = _vgg(train)
     twin_rows = copy.deepcopy(model)

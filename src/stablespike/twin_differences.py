@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .dynamics import TwinLayout
+from .surrogate import FastSigmoid
 
 
 def leaky_supports_differences(lif: nn.Module) -> bool:
@@ -71,6 +73,12 @@ class _LeakyDifference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lif, twins, mem_prev, mem, delta, delta_current):
         beta, thr, factor = lif.beta.clamp(0, 1), lif.threshold, lif.graded_spikes_factor
+        ctx.lif, ctx.twins, ctx.beta, ctx.factor = lif, twins, beta, factor
+        ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None
+        ctx.native = _native_leaky(lif, delta, delta_current)
+        if ctx.native is not None:
+            return _native_leaky_forward(ctx, twins.partner(mem_prev), twins.partner(mem), delta,
+                                         delta_current)
         partner_prev = twins.partner(mem_prev)
         # comparisons written into float tensors: several times faster on a CPU than bool -> float
         reset = torch.gt(partner_prev + delta, thr, out=torch.empty_like(delta))
@@ -86,25 +94,68 @@ class _LeakyDifference(torch.autograd.Function):
         if bool(factor != 1):
             dspk *= factor
         ctx.save_for_backward(u_twin, u_partner)
-        ctx.lif, ctx.twins, ctx.beta, ctx.factor = lif, twins, beta, factor
-        ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None
         return new, dspk
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_new, g_dspk):
-        u_twin, u_partner = ctx.saved_tensors
-        derivative = ctx.lif.spike_grad.derivative
-        g_new = torch.zeros_like(u_twin) if g_new is None else g_new
-        g_mem = None
-        if g_dspk is not None:
-            g_dspk = g_dspk * ctx.factor
-            through_twin = g_dspk * derivative(u_twin)
-            g_new = g_new + through_twin
-            g_mem = ctx.twins.scatter_to_partners(through_twin - g_dspk * derivative(u_partner),
-                                                  ctx.mem_shape)
-        g_current = g_new if ctx.has_current else None
-        return None, None, None, g_mem, g_new * ctx.beta, g_current
+        if ctx.native is not None:
+            g_delta, g_current, g_partner = _native_leaky_backward(ctx, g_new, g_dspk)
+        else:
+            g_delta, g_current, g_partner = _leaky_backward(ctx, g_new, g_dspk)
+        g_mem = None if g_partner is None else ctx.twins.scatter_to_partners(g_partner, ctx.mem_shape)
+        return None, None, None, g_mem, g_delta, g_current
+
+
+def _leaky_backward(ctx, g_new, g_dspk):
+    u_twin, u_partner = ctx.saved_tensors
+    derivative = ctx.lif.spike_grad.derivative
+    g_new = torch.zeros_like(u_twin) if g_new is None else g_new
+    g_partner = None
+    if g_dspk is not None:
+        g_dspk = g_dspk * ctx.factor
+        through_twin = g_dspk * derivative(u_twin)
+        g_new = g_new + through_twin
+        g_partner = through_twin - g_dspk * derivative(u_partner)
+    return g_new * ctx.beta, (g_new if ctx.has_current else None), g_partner
+
+
+def _native_leaky(lif, delta, delta_current):
+    """The C kernel for this step (CPU, float32/64, the fast-sigmoid surrogate, scalar decay,
+    threshold and spike size), else None."""
+    if delta.device.type != "cpu" or not isinstance(lif.spike_grad, FastSigmoid):
+        return None
+    if any(getattr(lif, name).numel() != 1 for name in ("beta", "threshold", "graded_spikes_factor")):
+        return None
+    if delta_current is not None and delta_current.dtype != delta.dtype:
+        return None
+    return native.kernel(delta.dtype, "leaky_difference")
+
+
+def _native_leaky_forward(ctx, partner_prev, partner, delta, delta_current):
+    partner_prev, partner, delta = partner_prev.contiguous(), partner.contiguous(), delta.contiguous()
+    current = None if delta_current is None else delta_current.contiguous()
+    new, dspk = torch.empty_like(delta), torch.empty_like(delta)
+    ctx.native[0](delta.numel(), partner_prev.data_ptr(), partner.data_ptr(), delta.data_ptr(),
+                  None if current is None else current.data_ptr(), float(ctx.beta),
+                  float(ctx.lif.threshold), float(ctx.factor), new.data_ptr(), dspk.data_ptr())
+    ctx.save_for_backward(partner, new)
+    return new, dspk
+
+
+def _native_leaky_backward(ctx, g_new, g_dspk):
+    partner, new = ctx.saved_tensors
+    g_new = None if g_new is None else g_new.contiguous()
+    g_dspk = None if g_dspk is None else g_dspk.contiguous()
+    g_delta, g_partner = torch.empty_like(new), torch.empty_like(new)
+    g_current = torch.empty_like(new) if ctx.has_current else None
+    ctx.native[1](new.numel(), partner.data_ptr(), new.data_ptr(),
+                  None if g_new is None else g_new.data_ptr(),
+                  None if g_dspk is None else g_dspk.data_ptr(), float(ctx.beta),
+                  float(ctx.lif.threshold), float(ctx.factor), ctx.lif.spike_grad.slope,
+                  g_delta.data_ptr(), None if g_current is None else g_current.data_ptr(),
+                  g_partner.data_ptr())
+    return g_delta, g_current, (None if g_dspk is None else g_partner)
 
 
 def layer_difference(layer: nn.Module, delta: torch.Tensor, nominal_out: torch.Tensor
@@ -132,8 +183,10 @@ def conv_arguments(layer: nn.Module):
 
 
 def nonzero_rows(delta: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of ``delta (K, ...)`` with a non-zero entry, ``(k,)``."""
-    return delta.flatten(1).any(1).nonzero().squeeze(1)
+    """Indices of the rows of ``delta (K, ...)`` with a non-zero (or NaN) entry, ``(k,)``."""
+    # the row norm (no underflow for spike differences): ~7x faster on a CPU than any() over a
+    # float tensor, ~20x faster than the max-norm
+    return torch.linalg.vector_norm(delta.flatten(1), dim=1).ne(0).nonzero().squeeze(1)
 
 
 def batch_norm_nominal(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor

@@ -1,8 +1,10 @@
-"""The CPU renormalization kernel (``_renorm_native.c``): built on first use, loaded with ctypes.
+"""The CPU kernels in ``csrc/`` (renormalization of twin rows, the LIF twin difference): built on
+first use into one library, loaded with ctypes.
 
-Why native: per time step the renormalization is ~25 small tensor operations; on a CPU their
-dispatch, not their arithmetic, made a sub-batch estimate cost ~20 % of a training step. The C
-kernel does the same arithmetic in one pass per call.
+Why native: per time step each is ~15-25 small tensor operations; on a CPU their dispatch (for
+small tensors) or their passes over memory (for large ones), not their arithmetic, made the
+Lyapunov estimate cost a large part of a training step. A kernel does the same arithmetic in one
+pass per direction.
 
 It is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache
 (``$STABLESPIKE_CACHE``, else ``~/.cache/stablespike``), under a name that hashes the source and
@@ -25,7 +27,7 @@ from typing import Optional
 
 import torch
 
-_SOURCE = Path(__file__).with_name("_renorm_native.c")
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-math-errno", "-fopenmp-simd"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -35,15 +37,16 @@ def enabled() -> bool:
     return os.environ.get("STABLESPIKE_NATIVE", "1") != "0"
 
 
-def kernel(dtype: torch.dtype):
-    """``(forward, backward)`` C functions for ``dtype`` (float32 or float64), or None."""
+def kernel(dtype: torch.dtype, name: str = "renorm"):
+    """``(forward, backward)`` C functions ``{name}_forward_{f32|f64}`` for ``dtype`` (float32 or
+    float64), or None."""
     if dtype not in _DTYPES or not enabled():
         return None
     lib = _library()
     if lib is None:
         return None
     suffix = _DTYPES[dtype]
-    return getattr(lib, f"renorm_forward_{suffix}"), getattr(lib, f"renorm_backward_{suffix}")
+    return getattr(lib, f"{name}_forward_{suffix}"), getattr(lib, f"{name}_backward_{suffix}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,16 +76,16 @@ def _build() -> Optional[Path]:
     cc = _compiler()
     if cc is None:
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join([cc] + _FLAGS + [sys.platform]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"renorm-{key}.so"
+    target = _cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"],
                               capture_output=True, timeout=120)
         if done.returncode != 0:
             return None
@@ -96,11 +99,14 @@ def _build() -> Optional[Path]:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64p, intp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)
     i, i64, dbl = ctypes.c_int, ctypes.c_int64, ctypes.c_double
-    for suffix in _DTYPES.values():
-        fwd = getattr(lib, f"renorm_forward_{suffix}")
-        fwd.argtypes = [i, p, i64p, intp, i, i64, i64, p, dbl, dbl, p, p, p]
-        fwd.restype = None
-        bwd = getattr(lib, f"renorm_backward_{suffix}")
-        bwd.argtypes = [i, p, p, i64p, intp, i, i64, i64, p, dbl, p, p, p, p]
-        bwd.restype = None
+    signatures = {
+        "renorm_forward": [i, p, i64p, intp, i, i64, i64, p, dbl, dbl, p, p, p],
+        "renorm_backward": [i, p, p, i64p, intp, i, i64, i64, p, dbl, p, p, p, p],
+        "leaky_difference_forward": [i64, p, p, p, p, dbl, dbl, dbl, p, p],
+        "leaky_difference_backward": [i64, p, p, p, p, dbl, dbl, dbl, dbl, p, p, p],
+    }
+    for name, argtypes in signatures.items():
+        for suffix in _DTYPES.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
     return lib
