@@ -153,6 +153,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up")
     p.add_argument("--no-vgg", action="store_true")
     p.add_argument("--no-mlp", action="store_true")
+    p.add_argument("--vgg-batch", type=int, default=32, help="the VGG's batch size (seed 002 trains with 128)")
     p.add_argument("--no-seed-style", action="store_true", help="leave out the seed-style reference")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--only", help=argparse.SUPPRESS)  # one model, in this process: "mlp:D" or "vgg"
@@ -172,7 +173,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "row.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--only", spec, "--json", out,
-                   "--reps", str(args.reps), "--warmup", str(args.warmup)]
+                   "--reps", str(args.reps), "--warmup", str(args.warmup), "--vgg-batch", str(args.vgg_batch)]
             subprocess.run(cmd + (["--no-seed-style"] if args.no_seed_style else []), check=True)
             with open(out) as f:
                 rows.append(json.load(f))
@@ -194,7 +195,7 @@ def bench_one(spec: str, args) -> dict:
         d, T, B = int(spec[4:]), 25, 64
         return bench_model(f"MLP 784-256x{d}-10 T={T} B={B}", lambda: SpikingMLP(784, [256] * d, 10),
                            lambda: (torch.rand(B, T, 784), torch.randint(0, 10, (B,))), variants, args, reg)
-    T, B = 4, 32
+    T, B = 4, args.vgg_batch
     return bench_model(f"VGG 3 stages x1 block, 16 ch, 32x32, T={T} B={B}",
                        lambda: SpikingVGG(3, 10, base_channels=16, num_stages=3, blocks_per_stage=1, T=T),
                        lambda: (torch.rand(B, 3, 32, 32), torch.randint(0, 10, (B,))), variants, args, reg)

@@ -149,3 +149,29 @@ def test_without_a_working_compiler_the_pytorch_operations_run(monkeypatch, tmp_
         assert list(tmp_path.iterdir()) == []  # the failed build left nothing behind
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("groups", [[(0, 1)], [(0,), (1,)]], ids=["global", "per-layer"])
+def test_kernel_on_differences_equals_pytorch_operations(dtype, tol, groups, monkeypatch):
+    """Twins carried as differences (K rows, no partner rows): rescaled into new tensors."""
+    if native.kernel(dtype) is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    twins = TwinLayout(5, torch.tensor([0, 2, 4]), differences=True)
+    g = torch.Generator().manual_seed(4)
+    deltas = [torch.randn(3, *shape, generator=g, dtype=dtype) for shape in [(4,), (2, 3)]]
+    seeds = [torch.randn(3, generator=g, dtype=dtype)] + [torch.randn(d.shape, generator=g, dtype=dtype)
+                                                           for d in deltas]
+    results = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("STABLESPIKE_NATIVE", env)
+        leaves = [d.clone().requires_grad_(True) for d in deltas]
+        norm, new = Renormalizer(twins, groups, 0.3)(leaves)
+        torch.autograd.backward([norm] + new, seeds)
+        assert all(n is not x for n, x in zip(new, leaves))  # new tensors, not rewritten
+        results.append([norm.detach()] + [n.detach() for n in new] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=tol, atol=tol)
+    for group in groups:  # each group rescaled to the target
+        after = torch.sqrt(sum(results[0][1 + j].flatten(1).pow(2).sum(1) for j in group))
+        assert torch.allclose(after, torch.full_like(after, 0.3), rtol=tol)

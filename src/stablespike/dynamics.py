@@ -143,43 +143,6 @@ def shared_dropout(h: torch.Tensor, p: float, training: bool,
     return h * twins.expand(keep)
 
 
-def shared_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, h: torch.Tensor,
-                      twins: Optional[TwinLayout]) -> torch.Tensor:
-    """Batch norm whose batch statistics come from the nominal rows only, applied to all rows.
-
-    In training mode the running statistics are updated from the nominal rows, exactly as a
-    forward pass without twins would; twins are normalized with the same mean and variance.
-    ``h`` has shape ``(B + K, C, ...)``.
-    """
-    if twins is None or not (bn.training or bn.running_mean is None):
-        return bn(h)
-    nominal = twins.nominal(h)
-    dims = [0] + list(range(2, h.dim()))
-    shape = (1, -1) + (1,) * (h.dim() - 2)
-    n = nominal.numel() // nominal.shape[1]
-    # two passes of sums: on a CPU ~10x faster than var_mean over the non-trailing dims, and as
-    # exact (the variance is taken around the mean, no E[x^2] - E[x]^2 cancellation)
-    mean = nominal.sum(dims) / n
-    centered = nominal - mean.view(shape)
-    var = (centered * centered).sum(dims) / n
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        _update_running_stats(bn, mean, var, n=n)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight
-    shift = -mean * scale + (bn.bias if bn.affine else 0.0)
-    return torch.addcmul(shift.view(shape), h, scale.view(shape))
-
-
-@torch.no_grad()
-def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """The running-statistics update of ``nn.BatchNorm*`` in training mode (unbiased variance)."""
-    bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-    bn.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
-
-
 # The twin layout of the loop running now, so that monitors hooked into the stepper's modules can
 # keep the nominal rows only (a context variable: per thread and task, reset when the loop ends).
 _ACTIVE_TWINS: ContextVar[Optional[TwinLayout]] = ContextVar("stablespike_active_twins", default=None)

@@ -23,13 +23,47 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
 
 import torch
 
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-math-errno", "-fopenmp-simd"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+# Elementwise kernels over more values than this run on all of torch's threads (ctypes releases
+# the GIL), in contiguous chunks: below it the hand-off costs more than it saves.
+_PARALLEL_MIN_VALUES = 1 << 16
+
+
+def call_elementwise(fn, n: int, args: Sequence, arrays: Sequence[int], itemsize: int) -> None:
+    """``fn(n, *args)`` for a kernel that treats each of its ``n`` values independently, split
+    into ``torch.get_num_threads()`` contiguous chunks run at once. ``arrays``: the positions in
+    ``args`` of the array pointers (None stays None); they are advanced to each chunk's start."""
+    chunks = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN_VALUES))
+    if chunks == 1:
+        fn(n, *args)
+        return
+    bounds = [n * c // chunks for c in range(chunks + 1)]
+
+    def run(c: int) -> None:
+        start, shifted = bounds[c], list(args)
+        for i in arrays:
+            if shifted[i] is not None:
+                shifted[i] += start * itemsize
+        fn(bounds[c + 1] - start, *shifted)
+
+    futures = [_pool().submit(run, c) for c in range(1, chunks)]
+    run(0)
+    for future in futures:
+        future.result()
+
+
+@functools.lru_cache(maxsize=None)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="stablespike")
 
 
 def enabled() -> bool:
@@ -100,8 +134,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64p, intp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)
     i, i64, dbl = ctypes.c_int, ctypes.c_int64, ctypes.c_double
     signatures = {
-        "renorm_forward": [i, p, i64p, intp, i, i64, i64, p, dbl, dbl, p, p, p],
-        "renorm_backward": [i, p, p, i64p, intp, i, i64, i64, p, dbl, p, p, p, p],
+        "renorm_forward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, dbl, p, p, p],
+        "renorm_backward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, p, p, p, p],
         "leaky_difference_forward": [i64, p, p, p, p, dbl, dbl, dbl, p, p],
         "leaky_difference_backward": [i64, p, p, p, p, dbl, dbl, dbl, dbl, p, p, p],
     }

@@ -136,9 +136,10 @@ def _native_leaky_forward(ctx, partner_prev, partner, delta, delta_current):
     partner_prev, partner, delta = partner_prev.contiguous(), partner.contiguous(), delta.contiguous()
     current = None if delta_current is None else delta_current.contiguous()
     new, dspk = torch.empty_like(delta), torch.empty_like(delta)
-    ctx.native[0](delta.numel(), partner_prev.data_ptr(), partner.data_ptr(), delta.data_ptr(),
-                  None if current is None else current.data_ptr(), float(ctx.beta),
-                  float(ctx.lif.threshold), float(ctx.factor), new.data_ptr(), dspk.data_ptr())
+    args = (partner_prev.data_ptr(), partner.data_ptr(), delta.data_ptr(),
+            None if current is None else current.data_ptr(), float(ctx.beta),
+            float(ctx.lif.threshold), float(ctx.factor), new.data_ptr(), dspk.data_ptr())
+    native.call_elementwise(ctx.native[0], delta.numel(), args, (0, 1, 2, 3, 7, 8), delta.element_size())
     ctx.save_for_backward(partner, new)
     return new, dspk
 
@@ -149,12 +150,12 @@ def _native_leaky_backward(ctx, g_new, g_dspk):
     g_dspk = None if g_dspk is None else g_dspk.contiguous()
     g_delta, g_partner = torch.empty_like(new), torch.empty_like(new)
     g_current = torch.empty_like(new) if ctx.has_current else None
-    ctx.native[1](new.numel(), partner.data_ptr(), new.data_ptr(),
-                  None if g_new is None else g_new.data_ptr(),
-                  None if g_dspk is None else g_dspk.data_ptr(), float(ctx.beta),
-                  float(ctx.lif.threshold), float(ctx.factor), ctx.lif.spike_grad.slope,
-                  g_delta.data_ptr(), None if g_current is None else g_current.data_ptr(),
-                  g_partner.data_ptr())
+    args = (partner.data_ptr(), new.data_ptr(), None if g_new is None else g_new.data_ptr(),
+            None if g_dspk is None else g_dspk.data_ptr(), float(ctx.beta),
+            float(ctx.lif.threshold), float(ctx.factor), ctx.lif.spike_grad.slope,
+            g_delta.data_ptr(), None if g_current is None else g_current.data_ptr(),
+            g_partner.data_ptr())
+    native.call_elementwise(ctx.native[1], new.numel(), args, (0, 1, 2, 3, 8, 9, 10), new.element_size())
     return g_delta, g_current, (None if g_dspk is None else g_partner)
 
 
@@ -238,15 +239,34 @@ def batch_norm_difference(bn: nn.modules.batchnorm._BatchNorm, nominal_in: torch
     return delta * scale.view(_channel_shape(delta))
 
 
-def pool_difference(pool: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+def shared_batch_norm(bn: nn.modules.batchnorm._BatchNorm, h: torch.Tensor,
+                      twins: Optional[TwinLayout]) -> torch.Tensor:
+    """Batch norm of ``h (B + K, C, ...)`` (twins as rows) whose statistics come from the nominal
+    rows only, as a forward pass without twins computes them (running statistics included).
+
+    The nominal rows take the module's own batch norm; each twin row is its partner's output
+    plus the normalized difference of their inputs (:func:`batch_norm_difference`), which is
+    zero where no spike flipped upstream.
+    """
+    if twins is None or not (bn.training or bn.running_mean is None):
+        return bn(h)
+    nominal = twins.nominal(h)
+    out, invstd = batch_norm_nominal(bn, nominal)
+    delta = twins.twin(h) - twins.partner(nominal)
+    nonzero = nonzero_rows(delta).numel() > 0
+    twin_out = twins.partner(out) + batch_norm_difference(bn, nominal, delta, nonzero, invstd)
+    return torch.cat([out, twin_out], dim=0)
+
+
+def pool_difference(pool: nn.Module, delta: torch.Tensor, nominal_out: torch.Tensor) -> torch.Tensor:
     """An average pooling (linear) of the difference ``(K, C, H, W)``, pooled only on its non-zero
-    rows, and without the module's hooks: monitors on the pool see only the nominal rows."""
+    rows, and without the module's hooks: monitors on the pool see only the nominal rows.
+    ``nominal_out``: the pool's output on the nominal rows (for the output shape)."""
     if isinstance(pool, nn.Identity):
         return delta
     if not isinstance(pool, nn.AvgPool2d):
         raise TypeError(f"pool: expected nn.AvgPool2d or nn.Identity, got {type(pool).__name__}")
-    pool_map = _PoolMap(pool)
-    return _LinearMapOfDifference.apply(delta, None, pool_map, pool_map.out_shape(delta),
+    return _LinearMapOfDifference.apply(delta, None, _PoolMap(pool), tuple(nominal_out.shape[1:]),
                                         nonzero_rows(delta))
 
 
@@ -315,9 +335,6 @@ class _PoolMap:
 
     def __call__(self, x, _weight=None):
         return F.avg_pool2d(x, *self.args)
-
-    def out_shape(self, x):
-        return tuple(self(x[:1]).shape[1:])  # one row: the exact shape rules of avg_pool2d
 
     def input_grad(self, g, x, _weight=None):
         kernel, stride, padding, ceil_mode, include_pad, divisor = self.args

@@ -6,8 +6,9 @@
 #include <stdint.h>
 
 #define LEAKY_FORWARD(NAME, T)                                                                    \
-void NAME(int64_t n, const T *partner_prev, const T *partner, const T *delta, const T *current,   \
-          double beta, double thr, double factor, T *new_delta, T *spike_delta)                   \
+void NAME(int64_t n, const T *restrict partner_prev, const T *restrict partner,                 \
+          const T *restrict delta, const T *restrict current, double beta, double thr,           \
+          double factor, T *restrict new_delta, T *restrict spike_delta)                          \
 {                                                                                                 \
     const T b = (T)beta, th = (T)thr, f = (T)factor;                                             \
     for (int64_t i = 0; i < n; i++) {                                                             \
@@ -23,9 +24,10 @@ void NAME(int64_t n, const T *partner_prev, const T *partner, const T *delta, co
 }
 
 #define LEAKY_BACKWARD(NAME, T)                                                                   \
-void NAME(int64_t n, const T *partner, const T *new_delta, const T *g_new, const T *g_spike,      \
-          double beta, double thr, double factor, double slope, T *g_delta, T *g_current,         \
-          T *g_partner)                                                                           \
+void NAME(int64_t n, const T *restrict partner, const T *restrict new_delta,                     \
+          const T *restrict g_new, const T *restrict g_spike, double beta, double thr,            \
+          double factor, double slope, T *restrict g_delta, T *restrict g_current,                \
+          T *restrict g_partner)                                                                  \
 {                                                                                                 \
     const T b = (T)beta, th = (T)thr, f = (T)factor, s = (T)slope;                               \
     for (int64_t i = 0; i < n; i++) {                                                             \
@@ -34,7 +36,7 @@ void NAME(int64_t n, const T *partner, const T *new_delta, const T *g_new, const
         if (g_spike) {                                                                            \
             T up = partner[i] - th;                                                               \
             T ut = up + new_delta[i];                                                             \
-            T dt = (T)1 + s * (T)fabs((double)ut), dp = (T)1 + s * (T)fabs((double)up);           \
+            T dt = (T)1 + s * (ut < 0 ? -ut : ut), dp = (T)1 + s * (up < 0 ? -up : up);           \
             T gs = g_spike[i] * f;                                                                \
             T through_twin = gs / (dt * dt);                                                      \
             gn += through_twin;                                                                   \

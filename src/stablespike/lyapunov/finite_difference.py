@@ -129,10 +129,8 @@ def finite_difference_lyapunov(
     rows = _choose_rows(B, fraction, x.device, generator)
 
     with maybe_cast(stepper, twin_dtype) as run_stepper:
-        # steppers that can carry their twins as differences do so when the twins are many: then
-        # that skips most of their products; with few, the twins' own rows cost less than
-        # handing their partners' gradients to all B rows
-        differences = getattr(run_stepper, "supports_twin_differences", False) and 2 * rows.numel() >= B
+        # steppers that can carry their twins as differences do (cheaper: twin_differences.py)
+        differences = bool(getattr(run_stepper, "supports_twin_differences", False))
         twins = TwinLayout(B, rows, differences=differences)
         dtype = twin_dtype or x.dtype
         state = initial_state(run_stepper, B, twins, x.device, dtype)

@@ -100,9 +100,10 @@ class _NativePlan:
 
     def __init__(self, fns, twins: TwinLayout, groups, target: float, states):
         self.forward, self.backward = fns
-        self.target = target
-        self.B, self.K, self.G, self.n = twins.batch, twins.twins, len(groups), len(states)
-        self.index = None if twins._all_rows else twins.index  # kept alive for its pointer
+        self.target, self.differences = target, twins.differences
+        self.B = 0 if twins.differences else twins.batch  # differences: the K rows alone
+        self.K, self.G, self.n = twins.twins, len(groups), len(states)
+        self.index = None if twins._all_rows or twins.differences else twins.index  # kept alive
         self.index_ptr = None if self.index is None else self.index.data_ptr()
         self.shapes = [s.shape for s in states]
         sizes = [s[0].numel() for s in states]
@@ -117,7 +118,8 @@ class _NativePlan:
 
 
 class _NativeRenormalize(torch.autograd.Function):
-    """The same node in one C call per direction (CPU, float32/64, contiguous, in place)."""
+    """The same node in one C call per direction (CPU, float32/64, contiguous): twin rows in
+    place, or differences into new tensors."""
 
     @staticmethod
     def forward(ctx, plan: _NativePlan, *states):
@@ -125,12 +127,14 @@ class _NativeRenormalize(torch.autograd.Function):
         flat = first.new_empty(plan.diff_size)
         norms = first.new_empty(plan.G, plan.K)
         total = first.new_empty(plan.K)
-        plan.forward(plan.n, _pointers(states), plan.widths, plan.group_of, plan.G, plan.B, plan.K,
-                     plan.index_ptr, plan.target, plan.tiny, flat.data_ptr(), norms.data_ptr(),
-                     total.data_ptr())
-        ctx.mark_dirty(*states)
+        outs = [torch.empty_like(s) for s in states] if plan.differences else states
+        plan.forward(plan.n, _pointers(states), _pointers(outs), plan.widths, plan.group_of, plan.G,
+                     plan.B, plan.K, plan.index_ptr, int(plan.differences), plan.target, plan.tiny,
+                     flat.data_ptr(), norms.data_ptr(), total.data_ptr())
+        if not plan.differences:
+            ctx.mark_dirty(*states)
         ctx.plan, ctx.buffers = plan, (flat, norms, total)
-        return (total, *states)
+        return (total, *outs)
 
     @staticmethod
     @once_differentiable
@@ -139,7 +143,8 @@ class _NativeRenormalize(torch.autograd.Function):
         g_states = [None if g is None else g.contiguous() for g in g_states]
         grads = [flat.new_empty(shape) for shape in plan.shapes]
         plan.backward(plan.n, _pointers(g_states), _pointers(grads), plan.widths, plan.group_of,
-                      plan.G, plan.B, plan.K, plan.index_ptr, plan.target, flat.data_ptr(),
+                      plan.G, plan.B, plan.K, plan.index_ptr, int(plan.differences), plan.target,
+                      flat.data_ptr(),
                       norms.data_ptr(), total.data_ptr(),
                       None if g_total is None else g_total.contiguous().data_ptr())
         return (None, *grads)
@@ -201,8 +206,12 @@ class Renormalizer:
     def __call__(self, states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``states``: the perturbed tensors ``(B + K, ...)``. Returns the total divergence norm
         before rescaling ``(K,)`` and the new state tensors."""
-        if self.twins.differences:
-            return _renormalize_differences(states, self.groups, self.target)
+        if self.twins.differences:  # new tensors: nothing is rewritten in place
+            plan = self._native_plan(states)
+            if plan is None:
+                return _renormalize_differences(states, self.groups, self.target)
+            total, *outs = _NativeRenormalize.apply(plan, *states)
+            return total, outs
         # autograd cannot rewrite views (e.g. outputs wrapped by full backward hooks) or leaves in place
         inplace = self.inplace and all(s._base is None and not (s.is_leaf and s.requires_grad)
                                        for s in states)
@@ -223,7 +232,7 @@ class Renormalizer:
         if key != self._plan_key:
             fns = native.kernel(dtype)
             index = self.twins.index
-            usable = fns is not None and (self.twins._all_rows or (
+            usable = fns is not None and (self.twins._all_rows or self.twins.differences or (
                 index.device.type == "cpu" and index.dtype == torch.int64 and index.is_contiguous()))
             self._plan = _NativePlan(fns, self.twins, self.groups, self.target, states) if usable else None
             self._plan_key = key

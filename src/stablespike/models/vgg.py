@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor, describe
-from ..dynamics import StateSpec, TwinLayout, shared_batch_norm, shared_input
+from ..dynamics import StateSpec, TwinLayout, shared_input
 from ..surrogate import fast_sigmoid
 from ..twin_differences import (batch_norm_difference, batch_norm_nominal, layer_difference,
-                                leaky_difference, leaky_supports_differences, pool_difference)
+                                leaky_difference, leaky_supports_differences, pool_difference,
+                                shared_batch_norm)
 from .base import SeedModel, leaky, zeros_state
 
 CHANNEL_CAP = 512
@@ -169,7 +170,8 @@ class SpikingVGG(SeedModel):
                 dmems.append(dmem)
                 dspikes.append(dspk)
                 h, dh, k = spk, dspk, k + 1
-            h, dh = pool(h), pool_difference(pool, dh)
+            h = pool(h)
+            dh = pool_difference(pool, dh, h)
         return h.flatten(1), tuple(mems) + tuple(spikes) + tuple(dmems) + tuple(dspikes)
 
     # --- seed API ---------------------------------------------------------------------------
