@@ -90,9 +90,10 @@ def _backward(B, index, groups, target, diffs, norms, total, g_total, g_states) 
 
 
 # Above this many state values per call the passes over memory dominate, and PyTorch's operations
-# (on all cores) beat the one-threaded kernel: the VGG's 36 x 28672 sub-batch state took ~20 %
-# longer with the kernel; the MLPs' (up to 128 x 2048) run faster with it.
-_NATIVE_MAX_ELEMENTS = 1 << 18
+# (on all cores) beat the one-threaded kernel: measured on 2 cores, the MLP 784-256x8 with a twin
+# per row (128 x 2048 values) 1.86x with the kernel, 1.68x without; at 128 x 1024 the kernel
+# wins (1.54x against 1.66x), and by more on sub-batches.
+_NATIVE_MAX_ELEMENTS = 1 << 17
 
 
 class _NativePlan:
