@@ -90,10 +90,11 @@ def _backward(B, index, groups, target, diffs, norms, total, g_total, g_states) 
 
 
 # Above this many state values per call the passes over memory dominate, and PyTorch's operations
-# (on all cores) beat the one-threaded kernel: measured on 2 cores, the MLP 784-256x8 with a twin
-# per row (128 x 2048 values) 1.86x with the kernel, 1.68x without; at 128 x 1024 the kernel
-# wins (1.54x against 1.66x), and by more on sub-batches.
-_NATIVE_MAX_ELEMENTS = 1 << 17
+# (on all cores) beat the one-threaded kernel. Measured on 2 cores, MLP 784-256xD, B=64: with a
+# twin per row at D=8 (128 x 2048 values) 1.86x with the kernel, 1.49x without; at D=4
+# (128 x 1024) 1.54x with, 1.66x without; a 1/8 sub-batch at D=8 (72 x 2048) 1.14x with, 1.25x
+# without. The crossover lies between 147k and 262k values.
+_NATIVE_MAX_ELEMENTS = 200_000
 
 
 class _NativePlan:
