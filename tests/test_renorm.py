@@ -175,3 +175,17 @@ def test_kernel_on_differences_equals_pytorch_operations(dtype, tol, groups, mon
     for group in groups:  # each group rescaled to the target
         after = torch.sqrt(sum(results[0][1 + j].flatten(1).pow(2).sum(1) for j in group))
         assert torch.allclose(after, torch.full_like(after, 0.3), rtol=tol)
+
+
+@pytest.mark.parametrize("groups", [[(0, 1)], [(0,), (1,)]], ids=["global", "per-layer"])
+def test_differences_backward_matches_numerical_gradient(groups, path):
+    twins = TwinLayout(6, torch.tensor([1, 2, 5]), differences=True)
+    g = torch.Generator().manual_seed(6)
+    deltas = [torch.randn(3, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+              for shape in [(4,), (2, 3)]]
+
+    def f(*d):
+        norm, new = renormalize(twins, groups, 0.3, list(d))
+        return (norm, *new)
+
+    assert torch.autograd.gradcheck(f, deltas, eps=1e-6, atol=1e-7)

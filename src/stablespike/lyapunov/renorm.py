@@ -40,9 +40,12 @@ class _Renormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, twins: TwinLayout, groups: Tuple[Tuple[int, ...], ...], target: float,
                 inplace: bool, *states):
-        B, index = twins.batch, (None if twins._all_rows else twins.index)
-        partners = [s[:B] if index is None else s.index_select(0, index) for s in states]
-        diffs = [torch.sub(s[B:], p) for s, p in zip(states, partners)]
+        if twins.differences:  # the states are the differences: no partner rows, new tensors
+            B, index, partners, diffs = 0, None, None, list(states)
+        else:
+            B, index = twins.batch, (None if twins._all_rows else twins.index)
+            partners = [s[:B] if index is None else s.index_select(0, index) for s in states]
+            diffs = [torch.sub(s[B:], p) for s, p in zip(states, partners)]
         outs: List[torch.Tensor] = list(states)
         norms = []
         for group in groups:
@@ -50,7 +53,9 @@ class _Renormalize(torch.autograd.Function):
             scale = target / n
             for j in group:
                 col = scale.view(_col_shape(diffs[j]))
-                if inplace:  # write the twin rows where they are: no copy of the nominal rows
+                if partners is None:
+                    outs[j] = diffs[j] * col
+                elif inplace:  # write the twin rows where they are: no copy of the nominal rows
                     torch.addcmul(partners[j], diffs[j], col, out=states[j][B:])
                 else:
                     outs[j] = torch.cat([states[j][:B], torch.addcmul(partners[j], diffs[j], col)], dim=0)
@@ -58,7 +63,7 @@ class _Renormalize(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(*states)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        ctx.saved = (B, index, groups, target, diffs, norms, total)
+        ctx.saved = (B, index, groups, target, diffs, norms, total, partners is None)
         return (total, *outs)
 
     @staticmethod
@@ -67,7 +72,8 @@ class _Renormalize(torch.autograd.Function):
         return (None, None, None, None, *_backward(*ctx.saved, g_total, g_states))
 
 
-def _backward(B, index, groups, target, diffs, norms, total, g_total, g_states) -> List[torch.Tensor]:
+def _backward(B, index, groups, target, diffs, norms, total, differences, g_total, g_states
+              ) -> List[torch.Tensor]:
     """The chain rule through the renormalization, in PyTorch operations."""
     grads: List[torch.Tensor] = [None] * len(g_states)
     for gi, group in enumerate(groups):
@@ -85,7 +91,8 @@ def _backward(B, index, groups, target, diffs, norms, total, g_total, g_states) 
         if coef is not None:  # then / n; a zero divergence (n at its floor) passes no gradient
             coef = coef.div(n).nan_to_num_(0.0, 0.0, 0.0)
         for j in group:
-            grads[j] = _state_grad(g_states[j], twin_grads.get(j), diffs[j], scale, coef, B, index)
+            grads[j] = _state_grad(g_states[j], twin_grads.get(j), diffs[j], scale, coef, B, index,
+                                   differences)
     return grads
 
 
@@ -161,10 +168,11 @@ def _col_shape(like: torch.Tensor) -> Tuple[int, ...]:
     return (like.shape[0],) + (1,) * (like.dim() - 1)
 
 
-def _state_grad(g, G, d, scale, coef, B: int, index) -> torch.Tensor:
+def _state_grad(g, G, d, scale, coef, B: int, index, differences: bool = False) -> torch.Tensor:
     """Gradient w.r.t. one state tensor ``(B + K, ...)``. Twin rows: dL/dD = scale * G + coef * D
     (the twin enters only through D). Partner rows: G - dL/dD (the partner enters the new twin
-    directly and through D with a minus sign), added to the nominal rows' own gradient."""
+    directly and through D with a minus sign), added to the nominal rows' own gradient.
+    ``differences``: the tensor is D itself (B = 0): the twin rows' part alone."""
     K, col = d.shape[0], _col_shape(d)
     grad = d.new_empty((B + K,) + tuple(d.shape[1:]))
     twin = grad[B:]
@@ -176,6 +184,8 @@ def _state_grad(g, G, d, scale, coef, B: int, index) -> torch.Tensor:
         torch.mul(d, coef.view(col), out=twin)
     else:
         twin.zero_()
+    if differences:
+        return grad
     if g is None:
         grad[:B].zero_()
     else:
@@ -211,8 +221,9 @@ class Renormalizer:
         if self.twins.differences:  # new tensors: nothing is rewritten in place
             plan = self._native_plan(states)
             if plan is None:
-                return _renormalize_differences(states, self.groups, self.target)
-            total, *outs = _NativeRenormalize.apply(plan, *states)
+                total, *outs = _Renormalize.apply(self.twins, self.groups, self.target, False, *states)
+            else:
+                total, *outs = _NativeRenormalize.apply(plan, *states)
             return total, outs
         # autograd cannot rewrite views (e.g. outputs wrapped by full backward hooks) or leaves in place
         inplace = self.inplace and all(s._base is None and not (s.is_leaf and s.requires_grad)
@@ -239,20 +250,6 @@ class Renormalizer:
             self._plan = _NativePlan(fns, self.twins, self.groups, self.target, states) if usable else None
             self._plan_key = key
         return self._plan
-
-
-def _renormalize_differences(deltas, groups, target: float):
-    """Twins carried as differences ``(K, ...)``: rescale each group to norm ``target``; no
-    partner rows are involved, so plain operations on ``K`` rows do it."""
-    outs, norms = list(deltas), []
-    for group in groups:
-        n = row_norm([deltas[j] for j in group])
-        scale = target / n
-        for j in group:
-            outs[j] = deltas[j] * scale.view(_col_shape(deltas[j]))
-        norms.append(n)
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-    return total, outs
 
 
 def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,

@@ -171,7 +171,8 @@ class SpikingVGG(SeedModel):
                 dspikes.append(dspk)
                 h, dh, k = spk, dspk, k + 1
             h = pool(h)
-            dh = pool_difference(pool, dh, h)
+            if k < n:  # the last stage's pooled difference would feed only the twins' readout
+                dh = pool_difference(pool, dh, h)
         return h.flatten(1), tuple(mems) + tuple(spikes) + tuple(dmems) + tuple(dspikes)
 
     # --- seed API ---------------------------------------------------------------------------
