@@ -204,3 +204,17 @@ def _compare_leaky_kernel_with_pytorch(monkeypatch):
     assert results[0][1].abs().sum() > 0  # spikes flipped
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_taking_every_row_as_flipped_changes_nothing(monkeypatch):
+    """What a GPU does (no data-dependent row choice): the products on all rows, same results."""
+    import stablespike.twin_differences as td
+    x = 2.0 * torch.rand(5, 6, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model = _vgg(True)
+    other = copy.deepcopy(model)
+    a, grads_a, _ = _estimate(model, x, True, monkeypatch, eps=0.3)
+    monkeypatch.setattr(td, "nonzero_rows", lambda d: torch.arange(d.shape[0]))
+    b, grads_b, _ = _estimate(other, x, True, monkeypatch, eps=0.3)
+    assert torch.allclose(a.per_sample, b.per_sample, rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.allclose(ga, gb, rtol=1e-9, atol=1e-12)

@@ -1,4 +1,4 @@
-"""Twin trajectories carried as differences from their nominal rows (the seed models' fast path).
+"""Twin trajectories carried as differences from their nominal rows (the VGG's fast path).
 
 The finite-difference estimator follows a perturbed twin of some batch rows. A stepper may carry
 the twin as its difference ``delta = twin - partner`` (``K`` rows) next to the nominal state
@@ -48,8 +48,9 @@ def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
                      twins: TwinLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """One step of the twins of an snnTorch ``Leaky`` layer, as differences.
 
-    ``mem_prev``, ``mem``: the nominal membrane before and after the step ``(B, ...)``; ``delta``: twin minus partner membrane before the step ``(K, ...)``;
-    ``delta_current``: twin minus partner input current (None: the same input).
+    ``mem_prev``, ``mem``: the nominal membrane before and after the step ``(B, ...)``;
+    ``delta``: twin minus partner membrane before the step ``(K, ...)``; ``delta_current``: twin
+    minus partner input current (None: the same input).
     Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each.
     One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
     their arithmetic.
@@ -184,7 +185,12 @@ def conv_arguments(layer: nn.Module):
 
 
 def nonzero_rows(delta: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of ``delta (K, ...)`` with a non-zero (or NaN) entry, ``(k,)``."""
+    """Indices of the rows of ``delta (K, ...)`` with a non-zero (or NaN) entry, ``(k,)``.
+
+    On a GPU all rows: choosing rows by their values would make the device wait at every layer
+    (the products on zero rows cost less than that)."""
+    if delta.device.type != "cpu":
+        return torch.arange(delta.shape[0], device=delta.device)
     # the row norm (no underflow for spike differences): ~7x faster on a CPU than any() over a
     # float tensor, ~20x faster than the max-norm
     return torch.linalg.vector_norm(delta.flatten(1), dim=1).ne(0).nonzero().squeeze(1)
