@@ -218,3 +218,14 @@ def test_taking_every_row_as_flipped_changes_nothing(monkeypatch):
     assert torch.allclose(a.per_sample, b.per_sample, rtol=1e-12, atol=1e-12)
     for ga, gb in zip(grads_a, grads_b):
         assert torch.allclose(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+def test_hooks_on_the_vggs_modules_see_the_nominal_rows_only():
+    model = SpikingVGG(1, 2, base_channels=2, num_stages=2, blocks_per_stage=1, T=3, input_size=8)
+    seen = []
+    for block in (model.stages[0][0], model.stages[1][0]):
+        for module in (block.conv, block.bn, block.lif):
+            module.register_forward_hook(lambda m, args, out: seen.append(
+                (out[0] if isinstance(out, tuple) else out).shape[0]))
+    finite_difference_lyapunov(model, torch.rand(3, 5, 1, 8, 8), fraction=0.4)
+    assert len(seen) == 3 * 2 * 3 and set(seen) == {5}

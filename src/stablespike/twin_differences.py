@@ -199,12 +199,13 @@ def nonzero_rows(delta: torch.Tensor) -> torch.Tensor:
 def batch_norm_nominal(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``bn(x)`` on the nominal rows ``(B, C, ...)``, and the ``(C,)`` inverse standard deviation it
-    normalized with (detached), or None where it is not at hand (hooks on ``bn``: called as is).
+    normalized with (detached), or None where it is not at hand (forward hooks on ``bn`` or on
+    all modules: the module is called as it is, so that they see the nominal rows).
 
     In training mode this is ``nn.BatchNorm``'s own forward (running statistics, momentum,
     ``num_batches_tracked``) through ``torch.native_batch_norm``, which returns the statistics.
     """
-    if bn._forward_hooks or bn._forward_pre_hooks:
+    if bn._forward_hooks or bn._forward_pre_hooks or _global_module_hooks():
         return bn(x), None
     if not bn.training and bn.running_var is not None:
         return bn(x), torch.rsqrt(bn.running_var + bn.eps)
@@ -217,6 +218,11 @@ def batch_norm_nominal(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor
     out, _, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean if track else None,
                                              bn.running_var if track else None, True, factor, bn.eps)
     return out, invstd
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def batch_norm_difference(bn: nn.modules.batchnorm._BatchNorm, nominal_in: torch.Tensor,
