@@ -119,6 +119,7 @@ class TwinLayout:
             return g
         return g.new_zeros(shape).index_add_(0, self.index, g)
 
+
 def full_twins(batch: int, device=None) -> TwinLayout:
     """Every nominal row gets one twin (``K = B``)."""
     return TwinLayout(batch, torch.arange(batch, device=device))
@@ -193,7 +194,8 @@ def unroll(stepper, x: torch.Tensor, state: Optional[State] = None, *,
     ``state`` defaults to :func:`initial_state`. With ``twins`` the state carries ``K`` twin rows
     after the ``B`` nominal ones, or their differences (see :class:`TwinLayout`); the caller
     perturbs them before and, through ``on_step(t, out_t, state) -> state``, after each step (the
-    Lyapunov estimators renormalize there). ``out_t`` given to ``on_step`` has all rows.
+    Lyapunov estimators renormalize there). ``out_t`` given to ``on_step`` has all rows (the
+    nominal ones when the twins are differences).
     """
     check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
     B = x.shape[1]
