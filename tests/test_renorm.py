@@ -189,3 +189,14 @@ def test_differences_backward_matches_numerical_gradient(groups, path):
         return (norm, *new)
 
     assert torch.autograd.gradcheck(f, deltas, eps=1e-6, atol=1e-7)
+
+
+def test_an_unusable_cache_directory_means_the_pytorch_operations(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("STABLESPIKE_CACHE", str(blocker / "cache"))
+    native._library.cache_clear()
+    try:
+        assert native.kernel(torch.float32) is None
+    finally:
+        native._library.cache_clear()

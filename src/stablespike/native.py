@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def _build() -> Optional[Path]:
     if cc is None:
         return None
     source = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES)
-    key = hashlib.sha256(source + " ".join([cc] + _FLAGS + [sys.platform]).encode()).hexdigest()[:16]
+    machine = [sys.platform, platform.machine()]  # a home shared by machines of other kinds
+    key = hashlib.sha256(source + " ".join([cc] + _FLAGS + machine).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
