@@ -199,13 +199,14 @@ def nonzero_rows(delta: torch.Tensor) -> torch.Tensor:
 def batch_norm_nominal(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``bn(x)`` on the nominal rows ``(B, C, ...)``, and the ``(C,)`` inverse standard deviation it
-    normalized with (detached), or None where it is not at hand (forward hooks on ``bn`` or on
-    all modules: the module is called as it is, so that they see the nominal rows).
+    normalized with (detached), or None where it is not at hand: a subclass (``SyncBatchNorm``
+    has its own forward) or forward hooks on ``bn`` or on all modules get the module's own call.
 
     In training mode this is ``nn.BatchNorm``'s own forward (running statistics, momentum,
     ``num_batches_tracked``) through ``torch.native_batch_norm``, which returns the statistics.
     """
-    if bn._forward_hooks or bn._forward_pre_hooks or _global_module_hooks():
+    if (type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # e.g. SyncBatchNorm
+            or bn._forward_hooks or bn._forward_pre_hooks or _global_module_hooks()):
         return bn(x), None
     if not bn.training and bn.running_var is not None:
         return bn(x), torch.rsqrt(bn.running_var + bn.eps)
