@@ -148,7 +148,7 @@ def bench_model(name, build, make_input, variants, args, reg, agreement_batches=
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=31)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up")
     p.add_argument("--no-vgg", action="store_true")
