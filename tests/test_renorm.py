@@ -10,7 +10,7 @@ from stablespike import SpikingMLP
 from stablespike.dynamics import TwinLayout
 from stablespike import native
 from stablespike.lyapunov import finite_difference_lyapunov
-from stablespike.lyapunov.renorm import Renormalizer, renormalize
+from stablespike.lyapunov.renorm import Renormalizer
 
 HAS_COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
@@ -39,7 +39,7 @@ def test_backward_matches_numerical_gradient(twins, groups, inplace, path):
 
     def f(*s):
         s = [x * 1.0 for x in s]  # non-leaf copies, so that the in-place variant may write them
-        norm, new = renormalize(twins, groups, 0.3, s, inplace=inplace)
+        norm, new = Renormalizer(twins, groups, 0.3, inplace)(s)
         return (norm, *new)
 
     assert torch.autograd.gradcheck(f, states, eps=1e-6, atol=1e-7)
@@ -54,7 +54,7 @@ def test_values_match_plain_operations(twins, inplace, path):
     diffs = [s[twins.batch:] - s[twins.index] for s in states]
     expected_norm = torch.sqrt(sum(d.pow(2).sum(1) for d in diffs))
     states, originals = [s.clone() for s in states], states
-    norm, new = renormalize(twins, [(0, 1)], 0.5, states, inplace=inplace)
+    norm, new = Renormalizer(twins, [(0, 1)], 0.5, inplace)(states)
     states = originals
     assert torch.allclose(norm, expected_norm)
     for s, d, n in zip(states, diffs, new):
@@ -69,7 +69,7 @@ def test_in_place_update_is_refused_when_autograd_saved_the_state():
     x = torch.randn(4, 3, requires_grad=True)
     state = x * 1.0
     saved = state.pow(2)  # pow saves its input for backward
-    norm, (new,) = renormalize(twins, [(0,)], 0.1, [state], inplace=True)
+    norm, (new,) = Renormalizer(twins, [(0,)], 0.1, inplace=True)([state])
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (saved.sum() + new.sum() + norm.sum()).backward()
 
@@ -144,7 +144,7 @@ def test_without_a_working_compiler_the_pytorch_operations_run(monkeypatch, tmp_
     try:
         assert native.kernel(torch.float32) is None
         twins = TwinLayout(3, torch.arange(3))
-        norm, (new,) = renormalize(twins, [(0,)], 0.5, [torch.randn(6, 4)], inplace=True)
+        norm, (new,) = Renormalizer(twins, [(0,)], 0.5, inplace=True)([torch.randn(6, 4)])
         assert torch.allclose((new[3:] - new[:3]).norm(dim=1), torch.full((3,), 0.5))
         assert list(tmp_path.iterdir()) == []  # the failed build left nothing behind
     finally:
@@ -185,7 +185,7 @@ def test_differences_backward_matches_numerical_gradient(groups, path):
               for shape in [(4,), (2, 3)]]
 
     def f(*d):
-        norm, new = renormalize(twins, groups, 0.3, list(d))
+        norm, new = Renormalizer(twins, groups, 0.3)(list(d))
         return (norm, *new)
 
     assert torch.autograd.gradcheck(f, deltas, eps=1e-6, atol=1e-7)

@@ -203,13 +203,13 @@ class _Tracker:
         """Twins := their nominal rows + a random direction of norm eps (per sample)."""
         tw, out = self.twins, list(state)
         for i in self.chosen:
-            partner = tw.partner(state[i])
-            noise = torch.randn(partner.shape, generator=generator, device="cpu", dtype=partner.dtype)
-            noise = noise.to(partner.device)
+            shape = (tw.twins,) + tuple(state[i].shape[1:])
+            noise = torch.randn(shape, generator=generator, device="cpu", dtype=state[i].dtype)
+            noise = noise.to(state[i].device)
             if tw.differences:
                 out[self.offset + i] = noise
             else:
-                out[i] = torch.cat([tw.nominal(state[i]), partner + noise])
+                out[i] = torch.cat([tw.nominal(state[i]), tw.partner(state[i]) + noise])
         return self._renormalize(tuple(out))[0]
 
     def _renormalize(self, state: State):

@@ -250,10 +250,3 @@ class Renormalizer:
             self._plan = _NativePlan(fns, self.twins, self.groups, self.target, states) if usable else None
             self._plan_key = key
         return self._plan
-
-
-def renormalize(twins: TwinLayout, groups: Sequence[Sequence[int]], target: float,
-                states: Sequence[torch.Tensor], inplace: bool = False
-                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """One renormalization (see :class:`Renormalizer`)."""
-    return Renormalizer(twins, groups, target, inplace)(states)
