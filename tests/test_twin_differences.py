@@ -229,3 +229,57 @@ def test_hooks_on_the_vggs_modules_see_the_nominal_rows_only():
                 (out[0] if isinstance(out, tuple) else out).shape[0]))
     finite_difference_lyapunov(model, torch.rand(3, 5, 1, 8, 8), fraction=0.4)
     assert len(seen) == 3 * 2 * 3 and set(seen) == {5}
+
+
+def _lif_step_with_twins(with_spikes: bool, factor: float = 1.0):
+    """One nominal snnTorch step and its twins' difference; the leaves and a loss on all four
+    outputs (nominal spikes and membrane, membrane and spike differences)."""
+    from stablespike.models.base import leaky
+    from stablespike.twin_differences import leaky_difference
+    lif = leaky(0.9, 1.0, None)
+    lif.graded_spikes_factor.fill_(factor)
+    twins = TwinLayout(6, torch.tensor([1, 2, 5]))
+    g = torch.Generator().manual_seed(3)
+    current, mem_prev = torch.randn(6, 400, generator=g) + 1, torch.randn(6, 400, generator=g) + 0.5
+    delta, dcurrent = 0.3 * torch.randn(3, 400, generator=g), 0.3 * torch.randn(3, 400, generator=g)
+    leaves = [t.requires_grad_(True) for t in (current, mem_prev, delta, dcurrent)]
+    spk, mem = lif(current, mem_prev)
+    dmem, dspk = leaky_difference(lif, mem_prev, mem, delta, dcurrent, twins,
+                                  spk if with_spikes else None)
+    weights = [torch.randn(t.shape, generator=g) for t in (spk, mem, dmem, dspk)]
+    loss = sum((w * t).sum() for w, t in zip(weights, (spk, mem, dmem, dspk)))
+    return leaves, loss, dspk
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_the_partner_gradient_handed_to_the_surrogate_equals_the_scattered_one(factor):
+    """Given the nominal spikes, the partners' gradient is added inside the surrogate's backward
+    instead of through a zero-filled full-size tensor: the same gradients for every input."""
+    reference_leaves, loss, dspk = _lif_step_with_twins(False, factor)
+    assert bool(dspk.ne(0).any())  # some spikes flipped: the partner term is not zero
+    reference = torch.autograd.grad(loss, reference_leaves)
+    leaves, loss, _ = _lif_step_with_twins(True, factor)
+    for a, b in zip(torch.autograd.grad(loss, leaves), reference):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_pass_that_skips_the_surrogate_leaves_no_partner_gradient_for_the_next():
+    """autograd.grad asking only for the twins' own input does not run the nominal surrogate:
+    the partner gradient must not wait there and be added in a later pass."""
+    leaves, loss, _ = _lif_step_with_twins(True)
+    torch.autograd.grad(loss, [leaves[3]], retain_graph=True)  # d loss / d dcurrent only
+    later = torch.autograd.grad(loss, leaves)
+    reference_leaves, reference_loss, _ = _lif_step_with_twins(False)
+    reference = torch.autograd.grad(reference_loss, reference_leaves)
+    for a, b in zip(later, reference):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_spike_node_finds_the_fast_sigmoid_behind_snntorchs_spike_factor():
+    from stablespike.models.base import leaky
+    from stablespike.surrogate import _FastSigmoidSpike, spike_node
+    lif = leaky(0.9, 1.0, None)
+    spk, mem = lif(torch.randn(2, 5, requires_grad=True), torch.zeros(2, 5))
+    assert isinstance(spike_node(spk), _FastSigmoidSpike._backward_cls)
+    assert spike_node(mem) is None  # a membrane is not a spike
+    assert spike_node(spk.detach()) is None

@@ -38,12 +38,45 @@ class _FastSigmoidSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (u,) = ctx.saved_tensors
-        return grad_out / _denominator(u, ctx.slope), None
+        grad = grad_out / _denominator(u, ctx.slope)
+        pending = getattr(ctx, "extra_input_grads", None)
+        if pending:  # see add_to_input_grad; ``grad`` is a new tensor: adding in place is safe
+            ctx.extra_input_grads = []
+            for index, extra in pending:
+                grad.index_add_(0, index, extra.to(grad.dtype))
+        return grad, None
 
     @staticmethod
     def jvp(ctx, u_tangent: torch.Tensor, _slope_tangent):
         (u,) = ctx.saved_tensors
         return u_tangent / _denominator(u, ctx.slope)
+
+
+def spike_node(spikes: torch.Tensor):
+    """The autograd node of the :class:`FastSigmoid` call that produced ``spikes``, directly or
+    through a multiplication by a constant (snnTorch's ``graded_spikes_factor``); None if
+    ``spikes`` came otherwise (another surrogate, a backward hook's wrapper, no autograd)."""
+    node = spikes.grad_fn
+    for _ in range(2):
+        if node is None or isinstance(node, _FastSigmoidSpike._backward_cls):
+            return node
+        inputs = [f for f, _ in node.next_functions if f is not None]
+        if type(node).__name__ != "MulBackward0" or len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+def add_to_input_grad(node, index: torch.Tensor, grad: torch.Tensor) -> None:
+    """Have the backward of ``node`` (from :func:`spike_node`, not run yet in this backward
+    pass) add ``grad (K, ...)`` to rows ``index (K,)`` of the gradient it returns for its input.
+
+    This hands a gradient for some rows of a large tensor over without a zero-filled tensor of
+    its full size and an extra accumulation pass (the Lyapunov twins' partner rows). The caller
+    must be a backward that runs before ``node``'s: one of a node that takes the spikes (or a
+    tensor computed from them) as an input, which autograd orders before the node.
+    """
+    node.extra_input_grads = list(getattr(node, "extra_input_grads", None) or ()) + [(index, grad)]
 
 
 class FastSigmoid:

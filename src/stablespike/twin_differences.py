@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 from .dynamics import TwinLayout
-from .surrogate import FastSigmoid
+from .surrogate import FastSigmoid, add_to_input_grad, spike_node
 
 
 def leaky_supports_differences(lif: nn.Module) -> bool:
@@ -45,17 +45,28 @@ def leaky_supports_differences(lif: nn.Module) -> bool:
 
 def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
                      delta: torch.Tensor, delta_current: Optional[torch.Tensor],
-                     twins: TwinLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+                     twins: TwinLayout, spikes: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One step of the twins of an snnTorch ``Leaky`` layer, as differences.
 
     ``mem_prev``, ``mem``: the nominal membrane before and after the step ``(B, ...)``;
     ``delta``: twin minus partner membrane before the step ``(K, ...)``; ``delta_current``: twin
-    minus partner input current (None: the same input).
+    minus partner input current (None: the same input); ``spikes``: the nominal spikes of the
+    step, ``lif``'s output (optional, see below).
     Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each.
     One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
     their arithmetic.
+
+    The partners' membranes get a gradient on ``K`` of ``B`` rows. Given ``spikes`` made by a
+    :class:`~stablespike.surrogate.FastSigmoid`, it is added in place to the rows of the
+    gradient that the surrogate computes for the membrane anyway; otherwise it goes to ``mem``
+    as a zero-filled ``(B, ...)`` tensor, one more full-size pass for autograd to accumulate.
     """
-    return _LeakyDifference.apply(lif, twins, mem_prev, mem, delta, delta_current)
+    node = None
+    if spikes is not None and torch.is_grad_enabled() and spikes.requires_grad:
+        node = spike_node(spikes)
+    return _LeakyDifference.apply(lif, twins, node, mem_prev, mem, delta, delta_current,
+                                  spikes if node is not None else None)
 
 
 class _LeakyDifference(torch.autograd.Function):
@@ -72,9 +83,11 @@ class _LeakyDifference(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lif, twins, mem_prev, mem, delta, delta_current):
+    def forward(ctx, lif, twins, node, mem_prev, mem, delta, delta_current, _spikes):
+        # ``_spikes`` (when ``node`` is its surrogate node) is an input only so that autograd
+        # runs this backward before ``node``'s, which then adds the partner gradient
         beta, thr, factor = lif.beta.clamp(0, 1), lif.threshold, lif.graded_spikes_factor
-        ctx.lif, ctx.twins, ctx.beta, ctx.factor = lif, twins, beta, factor
+        ctx.lif, ctx.twins, ctx.node, ctx.beta, ctx.factor = lif, twins, node, beta, factor
         ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None
         ctx.native = _native_leaky(lif, delta, delta_current)
         if ctx.native is not None:
@@ -104,8 +117,20 @@ class _LeakyDifference(torch.autograd.Function):
             g_delta, g_current, g_partner = _native_leaky_backward(ctx, g_new, g_dspk)
         else:
             g_delta, g_current, g_partner = _leaky_backward(ctx, g_new, g_dspk)
-        g_mem = None if g_partner is None else ctx.twins.scatter_to_partners(g_partner, ctx.mem_shape)
-        return None, None, None, g_mem, g_delta, g_current
+        g_mem = None
+        if g_partner is not None and ctx.node is not None:
+            if _will_run(ctx.node):  # else no input asked for needs the partners' gradient
+                add_to_input_grad(ctx.node, ctx.twins.index, g_partner)
+        elif g_partner is not None:
+            g_mem = ctx.twins.scatter_to_partners(g_partner, ctx.mem_shape)
+        return None, None, None, None, g_mem, g_delta, g_current, None
+
+
+def _will_run(node) -> bool:
+    """Whether autograd will run ``node`` in the backward pass now running (with ``inputs=``
+    some nodes are skipped: a gradient left on one would be added in a later pass)."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    return True if will_execute is None else bool(will_execute(node))
 
 
 def _leaky_backward(ctx, g_new, g_dspk):

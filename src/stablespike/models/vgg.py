@@ -164,7 +164,7 @@ class SpikingVGG(SeedModel):
                     dconv, nonzero = layer_difference(block.conv, dh, conv)
                     current = batch_norm_difference(block.bn, conv, dconv, nonzero, invstd)
                 spk, mem = block.lif(normed, nominal[k])
-                dmem, dspk = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins)
+                dmem, dspk = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins, spk)
                 mems.append(mem)
                 spikes.append(spk)
                 dmems.append(dmem)
