@@ -200,3 +200,31 @@ def test_an_unusable_cache_directory_means_the_pytorch_operations(monkeypatch, t
         assert native.kernel(torch.float32) is None
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["C kernel", "PyTorch"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward only", "with backward"])
+def test_an_estimate_leaves_no_reference_cycles(kernel, backward, monkeypatch):
+    """An autograd node that kept its own output as an attribute formed a cycle (output ->
+    node -> output) that held the whole graph, saved activations included, until Python's cycle
+    collector ran: a loop of forward passes grew to gigabytes. Nothing is left for it now."""
+    import gc
+    from stablespike import RecurrentSpikingMLP, SpikingVGG
+    monkeypatch.setenv("STABLESPIKE_NATIVE", kernel)
+    cases = [(SpikingVGG(1, 2, base_channels=2, num_stages=2, blocks_per_stage=1, T=3, input_size=8),
+              torch.rand(3, 4, 1, 8, 8)),
+             (SpikingMLP(6, [5, 5], 2), torch.rand(5, 4, 6)),
+             (RecurrentSpikingMLP(6, [5, 5], 2), torch.rand(5, 4, 6))]
+    for model, x in cases:
+        for fraction, renorm in ((1.0, "global"), (0.5, "per_layer")):
+            finite_difference_lyapunov(model, x, fraction=fraction, renorm=renorm)  # warm caches
+            gc.collect()
+            gc.disable()
+            try:
+                result = finite_difference_lyapunov(model, x, fraction=fraction, renorm=renorm)
+                if backward:
+                    result.exponent.backward()
+                del result
+                assert gc.collect() == 0, (type(model).__name__, fraction, renorm)
+            finally:
+                gc.enable()

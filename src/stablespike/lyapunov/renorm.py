@@ -13,6 +13,7 @@ values; its backward is the chain rule written out (checked by ``torch.autograd.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -63,13 +64,20 @@ class _Renormalize(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(*states)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        ctx.saved = (B, index, groups, target, diffs, norms, total, partners is None)
+        # an output kept as a ctx attribute would be a reference cycle (output -> node -> ctx)
+        # that holds the whole graph until Python's cycle collector runs: saved as such instead
+        ctx.save_for_backward(total)
+        ctx.saved = (B, index, groups, target, diffs, norms if len(norms) > 1 else None, partners is None)
         return (total, *outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_total, *g_states):
-        return (None, None, None, None, *_backward(*ctx.saved, g_total, g_states))
+        (total,) = ctx.saved_tensors
+        B, index, groups, target, diffs, norms, differences = ctx.saved
+        grads = _backward(B, index, groups, target, diffs, norms or [total], total, differences,
+                          g_total, g_states)
+        return (None, None, None, None, *grads)
 
 
 def _backward(B, index, groups, target, diffs, norms, total, differences, g_total, g_states
@@ -117,12 +125,12 @@ class _NativePlan:
         self.shapes = [s.shape for s in states]
         sizes = [s[0].numel() for s in states]
         self.diff_size = self.K * sum(sizes)
-        self.widths = (ctypes.c_int64 * self.n)(*sizes)
+        self.widths = _array_type(ctypes.c_int64, self.n)(*sizes)
         group_of = [0] * self.n
         for g, group in enumerate(groups):
             for j in group:
                 group_of[j] = g
-        self.group_of = (ctypes.c_int * self.n)(*group_of)
+        self.group_of = _array_type(ctypes.c_int, self.n)(*group_of)
         self.tiny = torch.finfo(states[0].dtype).tiny
 
 
@@ -142,13 +150,14 @@ class _NativeRenormalize(torch.autograd.Function):
                      flat.data_ptr(), norms.data_ptr(), total.data_ptr())
         if not plan.differences:
             ctx.mark_dirty(*states)
-        ctx.plan, ctx.buffers = plan, (flat, norms, total)
+        ctx.save_for_backward(total)  # an output: as a ctx attribute, a reference cycle
+        ctx.plan, ctx.buffers = plan, (flat, norms)
         return (total, *outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_total, *g_states):
-        plan, (flat, norms, total) = ctx.plan, ctx.buffers
+        (total,), plan, (flat, norms) = ctx.saved_tensors, ctx.plan, ctx.buffers
         g_states = [None if g is None else g.contiguous() for g in g_states]
         grads = [flat.new_empty(shape) for shape in plan.shapes]
         plan.backward(plan.n, _pointers(g_states), _pointers(grads), plan.widths, plan.group_of,
@@ -160,7 +169,14 @@ class _NativeRenormalize(torch.autograd.Function):
 
 
 def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+    return _array_type(ctypes.c_void_p, len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+@functools.lru_cache(maxsize=None)
+def _array_type(ctype, n: int):
+    """``ctype * n``, made once: each such expression builds a new class (~10 us, and a
+    reference cycle left to Python's cycle collector)."""
+    return ctype * n
 
 
 def _col_shape(like: torch.Tensor) -> Tuple[int, ...]:
