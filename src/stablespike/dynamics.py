@@ -95,6 +95,21 @@ class TwinLayout:
         self.twins = int(index.numel())
         self._all_rows = self.twins == self.batch and bool(
             torch.equal(index.cpu(), torch.arange(self.batch)))
+        self._memo = {}
+
+    def memo(self, key, make: Callable[[], object]):
+        """``make()``, called once per ``key`` for this layout: for what stays the same while one
+        loop runs (the layout lives as long as one estimate; parameters do not change meanwhile)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def kernel_index(self) -> Optional[torch.Tensor]:
+        """``index`` as a contiguous int64 CPU tensor for a C kernel, or None when every row has
+        its twin in order (row r's partner is row r)."""
+        if self._all_rows:
+            return None
+        return self.memo("kernel_index", lambda: self.index.to("cpu", torch.int64).contiguous())
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, ...) -> (B + K, ...)``: append a copy of each twin's nominal row."""

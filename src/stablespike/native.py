@@ -39,25 +39,17 @@ _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _PARALLEL_MIN_VALUES = 1 << 16
 
 
-def call_elementwise(fn, n: int, args: Sequence, arrays: Sequence[int], itemsize: int) -> None:
-    """``fn(n, *args)`` for a kernel that treats each of its ``n`` values independently, split
-    into ``torch.get_num_threads()`` contiguous chunks run at once. ``arrays``: the positions in
-    ``args`` of the array pointers (None stays None); they are advanced to each chunk's start."""
+def call_elementwise(fn, n: int, args: Sequence) -> None:
+    """``fn(start, stop, *args)`` over ``[0, n)`` for a kernel whose elements are independent,
+    split into ``torch.get_num_threads()`` contiguous ranges run at once above
+    ``_PARALLEL_MIN_VALUES`` values."""
     chunks = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN_VALUES))
     if chunks == 1:
-        fn(n, *args)
+        fn(0, n, *args)
         return
     bounds = [n * c // chunks for c in range(chunks + 1)]
-
-    def run(c: int) -> None:
-        start, shifted = bounds[c], list(args)
-        for i in arrays:
-            if shifted[i] is not None:
-                shifted[i] += start * itemsize
-        fn(bounds[c + 1] - start, *shifted)
-
-    futures = [_pool().submit(run, c) for c in range(1, chunks)]
-    run(0)
+    futures = [_pool().submit(fn, bounds[c], bounds[c + 1], *args) for c in range(1, chunks)]
+    fn(0, bounds[1], *args)
     for future in futures:
         future.result()
 
@@ -138,8 +130,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "renorm_forward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, dbl, p, p, p],
         "renorm_backward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, p, p, p, p],
-        "leaky_difference_forward": [i64, p, p, p, p, dbl, dbl, dbl, p, p],
-        "leaky_difference_backward": [i64, p, p, p, p, dbl, dbl, dbl, dbl, p, p, p],
+        "leaky_difference_forward": [i64, i64, i64, p, p, p, p, p, dbl, dbl, dbl, p, p, p],
+        "leaky_difference_backward": [i64, i64, p, p, p, p, dbl, dbl, dbl, dbl, p, p, p],
     }
     for name, argtypes in signatures.items():
         for suffix in _DTYPES.values():

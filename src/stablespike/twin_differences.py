@@ -65,8 +65,24 @@ def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
     node = None
     if spikes is not None and torch.is_grad_enabled() and spikes.requires_grad:
         node = spike_node(spikes)
-    return _LeakyDifference.apply(lif, twins, node, mem_prev, mem, delta, delta_current,
+    constants = twins.memo(("leaky", id(lif), delta.dtype, delta.device),
+                           lambda: _LeakyConstants(lif, delta))
+    return _LeakyDifference.apply(constants, twins, node, mem_prev, mem, delta, delta_current,
                                   spikes if node is not None else None)
+
+
+class _LeakyConstants:
+    """What a step of ``lif``'s twins needs besides tensors, taken once per loop (per layout):
+    decay, threshold and spike size as tensors and, for the C kernel, as numbers."""
+
+    def __init__(self, lif: nn.Module, like: torch.Tensor):
+        self.lif = lif
+        self.beta, self.thr, self.factor = lif.beta.clamp(0, 1), lif.threshold, lif.graded_spikes_factor
+        self.scale_spikes = bool((self.factor != 1).any())
+        self.native = _native_leaky(lif, like)
+        if self.native is not None:
+            self.numbers = (float(self.beta), float(self.thr), float(self.factor))
+            self.slope = lif.spike_grad.slope
 
 
 class _LeakyDifference(torch.autograd.Function):
@@ -83,16 +99,16 @@ class _LeakyDifference(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lif, twins, node, mem_prev, mem, delta, delta_current, _spikes):
+    def forward(ctx, constants, twins, node, mem_prev, mem, delta, delta_current, _spikes):
         # ``_spikes`` (when ``node`` is its surrogate node) is an input only so that autograd
         # runs this backward before ``node``'s, which then adds the partner gradient
-        beta, thr, factor = lif.beta.clamp(0, 1), lif.threshold, lif.graded_spikes_factor
-        ctx.lif, ctx.twins, ctx.node, ctx.beta, ctx.factor = lif, twins, node, beta, factor
+        ctx.constants, ctx.twins, ctx.node = constants, twins, node
         ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None
-        ctx.native = _native_leaky(lif, delta, delta_current)
-        if ctx.native is not None:
-            return _native_leaky_forward(ctx, twins.partner(mem_prev), twins.partner(mem), delta,
-                                         delta_current)
+        ctx.use_native = constants.native is not None and (
+            delta_current is None or delta_current.dtype == delta.dtype)
+        if ctx.use_native:
+            return _native_leaky_forward(ctx, mem_prev, mem, delta, delta_current)
+        beta, thr = constants.beta, constants.thr
         partner_prev = twins.partner(mem_prev)
         # comparisons written into float tensors: several times faster on a CPU than bool -> float
         reset = torch.gt(partner_prev + delta, thr, out=torch.empty_like(delta))
@@ -105,15 +121,15 @@ class _LeakyDifference(torch.autograd.Function):
         u_twin = u_partner + new
         dspk = torch.gt(u_twin, 0, out=torch.empty_like(new))
         dspk -= torch.gt(u_partner, 0, out=torch.empty_like(new))
-        if bool(factor != 1):
-            dspk *= factor
+        if constants.scale_spikes:
+            dspk *= constants.factor
         ctx.save_for_backward(u_twin, u_partner)
         return new, dspk
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_new, g_dspk):
-        if ctx.native is not None:
+        if ctx.use_native:
             g_delta, g_current, g_partner = _native_leaky_backward(ctx, g_new, g_dspk)
         else:
             g_delta, g_current, g_partner = _leaky_backward(ctx, g_new, g_dspk)
@@ -135,53 +151,55 @@ def _will_run(node) -> bool:
 
 def _leaky_backward(ctx, g_new, g_dspk):
     u_twin, u_partner = ctx.saved_tensors
-    derivative = ctx.lif.spike_grad.derivative
+    constants = ctx.constants
+    derivative = constants.lif.spike_grad.derivative
     g_new = torch.zeros_like(u_twin) if g_new is None else g_new
     g_partner = None
     if g_dspk is not None:
-        g_dspk = g_dspk * ctx.factor
+        g_dspk = g_dspk * constants.factor
         through_twin = g_dspk * derivative(u_twin)
         g_new = g_new + through_twin
         g_partner = through_twin - g_dspk * derivative(u_partner)
-    return g_new * ctx.beta, (g_new if ctx.has_current else None), g_partner
+    return g_new * constants.beta, (g_new if ctx.has_current else None), g_partner
 
 
-def _native_leaky(lif, delta, delta_current):
-    """The C kernel for this step (CPU, float32/64, the fast-sigmoid surrogate, scalar decay,
-    threshold and spike size), else None."""
-    if delta.device.type != "cpu" or not isinstance(lif.spike_grad, FastSigmoid):
+def _native_leaky(lif, like: torch.Tensor):
+    """The C kernel for ``lif``'s steps on tensors like ``like`` (CPU, float32/64, the
+    fast-sigmoid surrogate, scalar decay, threshold and spike size), else None."""
+    if like.device.type != "cpu" or not isinstance(lif.spike_grad, FastSigmoid):
         return None
     if any(getattr(lif, name).numel() != 1 for name in ("beta", "threshold", "graded_spikes_factor")):
         return None
-    if delta_current is not None and delta_current.dtype != delta.dtype:
-        return None
-    return native.kernel(delta.dtype, "leaky_difference")
+    return native.kernel(like.dtype, "leaky_difference")
 
 
-def _native_leaky_forward(ctx, partner_prev, partner, delta, delta_current):
-    partner_prev, partner, delta = partner_prev.contiguous(), partner.contiguous(), delta.contiguous()
+def _native_leaky_forward(ctx, mem_prev, mem, delta, delta_current):
+    """The kernel gathers the partner rows itself and returns them for the backward."""
+    twins, (beta, thr, factor) = ctx.twins, ctx.constants.numbers
+    mem_prev, mem, delta = mem_prev.contiguous(), mem.contiguous(), delta.contiguous()
     current = None if delta_current is None else delta_current.contiguous()
-    new, dspk = torch.empty_like(delta), torch.empty_like(delta)
-    args = (partner_prev.data_ptr(), partner.data_ptr(), delta.data_ptr(),
-            None if current is None else current.data_ptr(), float(ctx.beta),
-            float(ctx.lif.threshold), float(ctx.factor), new.data_ptr(), dspk.data_ptr())
-    native.call_elementwise(ctx.native[0], delta.numel(), args, (0, 1, 2, 3, 7, 8), delta.element_size())
+    new, dspk, partner = torch.empty_like(delta), torch.empty_like(delta), torch.empty_like(delta)
+    index = twins.kernel_index()
+    args = (delta[0].numel(), None if index is None else index.data_ptr(), mem_prev.data_ptr(),
+            mem.data_ptr(), delta.data_ptr(), None if current is None else current.data_ptr(),
+            beta, thr, factor, new.data_ptr(), dspk.data_ptr(), partner.data_ptr())
+    native.call_elementwise(ctx.constants.native[0], delta.numel(), args)
     ctx.save_for_backward(partner, new)
     return new, dspk
 
 
 def _native_leaky_backward(ctx, g_new, g_dspk):
     partner, new = ctx.saved_tensors
+    (beta, thr, factor), slope = ctx.constants.numbers, ctx.constants.slope
     g_new = None if g_new is None else g_new.contiguous()
     g_dspk = None if g_dspk is None else g_dspk.contiguous()
     g_delta, g_partner = torch.empty_like(new), torch.empty_like(new)
     g_current = torch.empty_like(new) if ctx.has_current else None
     args = (partner.data_ptr(), new.data_ptr(), None if g_new is None else g_new.data_ptr(),
-            None if g_dspk is None else g_dspk.data_ptr(), float(ctx.beta),
-            float(ctx.lif.threshold), float(ctx.factor), ctx.lif.spike_grad.slope,
+            None if g_dspk is None else g_dspk.data_ptr(), beta, thr, factor, slope,
             g_delta.data_ptr(), None if g_current is None else g_current.data_ptr(),
             g_partner.data_ptr())
-    native.call_elementwise(ctx.native[1], new.numel(), args, (0, 1, 2, 3, 8, 9, 10), new.element_size())
+    native.call_elementwise(ctx.constants.native[1], new.numel(), args)
     return g_delta, g_current, (None if g_dspk is None else g_partner)
 
 

@@ -1,36 +1,45 @@
 /* One step of the twins of an LIF layer carried as differences, CPU, one pass per direction
  * (see twin_differences.py, class _LeakyDifference, for the formulas). The surrogate is the
- * fast sigmoid, derivative 1 / (1 + slope |u|)^2. Arrays are contiguous, n elements each; the
- * partner membranes are already gathered into twin order. NULL arrays are zero / not wanted. */
+ * fast sigmoid, derivative 1 / (1 + slope |u|)^2. Each call handles the elements [start, stop)
+ * of the (K, row) twin arrays; the nominal membranes have B rows, and twin row r's partner is
+ * row index[r] (index NULL: row r). Arrays are contiguous; NULL arrays are zero / not wanted. */
 #include <math.h>
 #include <stdint.h>
 
 #define LEAKY_FORWARD(NAME, T)                                                                    \
-void NAME(int64_t n, const T *restrict partner_prev, const T *restrict partner,                 \
-          const T *restrict delta, const T *restrict current, double beta, double thr,           \
-          double factor, T *restrict new_delta, T *restrict spike_delta)                          \
+void NAME(int64_t start, int64_t stop, int64_t row, const int64_t *restrict index,              \
+          const T *restrict mem_prev, const T *restrict mem, const T *restrict delta,             \
+          const T *restrict current, double beta, double thr, double factor,                      \
+          T *restrict new_delta, T *restrict spike_delta, T *restrict partner_out)                \
 {                                                                                                 \
     const T b = (T)beta, th = (T)thr, f = (T)factor;                                             \
-    for (int64_t i = 0; i < n; i++) {                                                             \
-        T pp = partner_prev[i];                                                                   \
-        T reset = (T)(pp + delta[i] > th) - (T)(pp > th);                                         \
-        T nw = b * delta[i] - reset * th;                                                         \
-        if (current) nw += current[i];                                                            \
-        T up = partner[i] - th;                                                                   \
-        T ut = up + nw;                                                                           \
-        new_delta[i] = nw;                                                                        \
-        spike_delta[i] = ((T)(ut > 0) - (T)(up > 0)) * f;                                         \
+    for (int64_t i = start; i < stop;) {                                                          \
+        const int64_t r = i / row, end = (r + 1) * row < stop ? (r + 1) * row : stop;            \
+        /* the partner of twin element i is element i + shift of the nominal arrays */          \
+        const int64_t shift = ((index ? index[r] : r) - r) * row;                                 \
+        const T *restrict prev = mem_prev + shift, *restrict now = mem + shift;                   \
+        for (; i < end; i++) {                                                                    \
+            T pp = prev[i];                                                                       \
+            T reset = (T)(pp + delta[i] > th) - (T)(pp > th);                                     \
+            T nw = b * delta[i] - reset * th;                                                     \
+            if (current) nw += current[i];                                                        \
+            T up = now[i] - th;                                                                   \
+            T ut = up + nw;                                                                       \
+            new_delta[i] = nw;                                                                    \
+            spike_delta[i] = ((T)(ut > 0) - (T)(up > 0)) * f;                                     \
+            partner_out[i] = now[i];                                                              \
+        }                                                                                         \
     }                                                                                             \
 }
 
 #define LEAKY_BACKWARD(NAME, T)                                                                   \
-void NAME(int64_t n, const T *restrict partner, const T *restrict new_delta,                     \
+void NAME(int64_t start, int64_t stop, const T *restrict partner, const T *restrict new_delta,  \
           const T *restrict g_new, const T *restrict g_spike, double beta, double thr,            \
           double factor, double slope, T *restrict g_delta, T *restrict g_current,                \
           T *restrict g_partner)                                                                  \
 {                                                                                                 \
     const T b = (T)beta, th = (T)thr, f = (T)factor, s = (T)slope;                               \
-    for (int64_t i = 0; i < n; i++) {                                                             \
+    for (int64_t i = start; i < stop; i++) {                                                      \
         T gn = g_new ? g_new[i] : (T)0;                                                           \
         T gp = 0;                                                                                 \
         if (g_spike) {                                                                            \
