@@ -11,8 +11,7 @@ from torch import nn
 from stablespike import SpikingMLP, SpikingVGG
 from stablespike.dynamics import TwinLayout, unroll
 from stablespike.lyapunov import finite_difference_lyapunov
-from stablespike.twin_differences import (batch_norm_nominal, layer_difference, nonzero_rows,
-                                          pool_difference)
+from stablespike.twin_differences import batch_norm_nominal, linear_difference, nonzero_rows
 
 
 def _estimate(model, x, differences: bool, monkeypatch, **kwargs):
@@ -97,25 +96,64 @@ def test_unroll_refuses_differences_for_a_stepper_without_them():
         unroll(vgg, torch.rand(2, 2, 1, 4, 4), bad, twins=twins)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(3, 4, 3, padding=1, bias=False),
-                                   nn.Conv2d(3, 2, 3, stride=2, padding=1)],
-                         ids=["linear", "conv", "strided conv with bias"])
-def test_layer_difference_is_the_weights_linear_map_with_its_gradients(layer):
-    layer = layer.double()
-    shape = (5, 6) if isinstance(layer, nn.Linear) else (5, 3, 6, 6)
-    delta = torch.randn(*shape, dtype=torch.float64)
+_CHAINS = {
+    "linear": (lambda: [nn.Linear(6, 5)], (6,)),
+    "conv": (lambda: [nn.Conv2d(3, 4, 3, padding=1, bias=False)], (3, 6, 6)),
+    "strided conv with bias": (lambda: [nn.Conv2d(3, 2, 3, stride=2, padding=1)], (3, 6, 6)),
+    "pool": (lambda: [nn.AvgPool2d(2)], (3, 6, 6)),
+    "pool then conv": (lambda: [nn.AvgPool2d(2), nn.Conv2d(3, 4, 3, padding=1, bias=False)], (3, 8, 8)),
+    "conv then pool": (lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(2)], (3, 8, 8)),
+    "identity then conv": (lambda: [nn.Identity(), nn.Conv2d(3, 4, 3, padding=1, bias=False)], (3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "scaled"])
+@pytest.mark.parametrize("chain", list(_CHAINS))
+def test_linear_difference_is_the_chains_linear_map_with_its_gradients(chain, scaled):
+    """``A(delta) * scale`` against the modules themselves (bias removed), and every gradient
+    (difference, weights, scale) by gradcheck; rows without flips are skipped in the products."""
+    make, shape = _CHAINS[chain]
+    modules = [m.double() for m in make()]
+    delta = torch.randn(5, *shape, dtype=torch.float64)
     delta[1] = 0.0
     delta[3] = 0.0  # rows without flips
     delta.requires_grad_(True)
-    nominal_out = layer(torch.zeros(2, *shape[1:], dtype=torch.float64))
-    out, nonzero = layer_difference(layer, delta, nominal_out)
-    bias = layer.bias if layer.bias is not None else None
-    expected = layer(delta) - (0 if bias is None else bias.view((1, -1) + (1,) * (delta.dim() - 2)))
-    assert nonzero and torch.allclose(out, expected, atol=1e-12)
-    assert not layer_difference(layer, torch.zeros_like(delta), nominal_out)[1]
-    weight = layer.weight
-    torch.autograd.gradcheck(lambda d, w: layer_difference(_with_weight(layer, w), d, nominal_out)[0],
-                             (delta, weight))
+    nominal_outs, h = [], torch.zeros(2, *shape, dtype=torch.float64)
+    for m in modules:
+        h = m(h)
+        nominal_outs.append(h)
+    expected = delta
+    for m in modules:
+        expected = m(expected)
+        if getattr(m, "bias", None) is not None:
+            expected = expected - m.bias.view((1, -1) + (1,) * (expected.dim() - 2))
+    channels = nominal_outs[-1].shape[1]
+    scale = (torch.rand(channels, dtype=torch.float64) + 0.5).requires_grad_(True) if scaled else None
+    if scaled:
+        expected = expected * scale.view((1, -1) + (1,) * (expected.dim() - 2))
+    out = linear_difference(modules, delta, nominal_outs, nonzero_rows(delta), scale)
+    assert nonzero_rows(delta).tolist() == [0, 2, 4]
+    assert torch.allclose(out, expected, atol=1e-12)
+    weights = [m.weight for m in modules if hasattr(m, "weight")]
+
+    def run(d, s, *ws):
+        it = iter(ws)
+        chain_ = [_with_weight(m, next(it)) if hasattr(m, "weight") else m for m in modules]
+        return linear_difference(chain_, d, nominal_outs, nonzero_rows(d), s)
+    torch.autograd.gradcheck(run, (delta, scale, *weights))
+
+
+def test_linear_difference_of_a_zero_difference_is_zero_with_the_input_gradient():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    delta = torch.zeros(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    out = linear_difference([conv], delta, [conv(delta[:1])], nonzero_rows(delta), scale)
+    assert not out.any()
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected = torch.autograd.grad(conv(delta), delta, g)[0]
+    assert torch.allclose(delta.grad, expected) and delta.grad.abs().sum() > 0
+    assert conv.weight.grad is None and scale.grad is None  # zero: nothing was multiplied
 
 
 def _with_weight(layer, weight):
@@ -124,16 +162,10 @@ def _with_weight(layer, weight):
     return clone
 
 
-def test_pool_difference_is_average_pooling_with_its_gradient():
-    pool = nn.AvgPool2d(2)
-    delta = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    delta[0] = 0.0
-    delta.requires_grad_(True)
-    like = F.avg_pool2d(delta[:2], 2)
-    assert torch.allclose(pool_difference(pool, delta, like), F.avg_pool2d(delta, 2))
-    torch.autograd.gradcheck(lambda d: pool_difference(pool, d, like), (delta,))
-    assert pool_difference(nn.Identity(), delta, delta) is delta
-    assert nonzero_rows(delta).tolist() == [1, 2, 3]
+def test_linear_difference_refuses_other_modules():
+    with pytest.raises(TypeError, match="modules: expected nn.Linear.*got MaxPool2d"):
+        linear_difference([nn.MaxPool2d(2)], torch.zeros(1, 1, 2, 2), [torch.zeros(1, 1, 1, 1)],
+                          torch.zeros(0, dtype=torch.long))
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -18,7 +18,7 @@ surrogate needs on every twin row.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import snntorch as snn
 import torch
@@ -203,18 +203,37 @@ def _native_leaky_backward(ctx, g_new, g_dspk):
     return g_delta, g_current, (None if g_dspk is None else g_partner)
 
 
-def layer_difference(layer: nn.Module, delta: torch.Tensor, nominal_out: torch.Tensor
-                     ) -> Tuple[torch.Tensor, bool]:
-    """``A(delta)`` for a ``nn.Linear`` or zero-padded ``nn.Conv2d`` (its weight's linear map, no
-    bias) and whether any row of ``delta`` is non-zero. ``nominal_out``: the layer's output on the
-    nominal rows (for the output shape)."""
-    conv = conv_arguments(layer)
+def linear_difference(modules: Sequence[nn.Module], delta: torch.Tensor,
+                      nominal_outs: Sequence[torch.Tensor], rows: torch.Tensor,
+                      scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``A(delta) * scale`` for ``A`` the linear modules ``modules`` applied in order
+    (``nn.AvgPool2d``, ``nn.Identity``, ``nn.Linear`` or a zero-padded ``nn.Conv2d``, the latter
+    two as their weight's linear map, without bias), as one autograd node.
+
+    ``delta (K, ...)``: a difference; ``nominal_outs``: each module's output on the nominal rows
+    (for the shapes); ``rows``: :func:`nonzero_rows` of ``delta`` (or more rows); ``scale``:
+    ``(C,)`` per output channel (:func:`batch_norm_scale`) or None. The products with the
+    weights are taken on ``rows`` only, the gradient for ``delta`` on all rows. Module hooks do
+    not run: monitors on the modules see only the nominal rows.
+    """
+    maps = [_linear_map(m) for m in modules]
+    keep = [i for i, m in enumerate(maps) if m is not None]
+    shapes = [tuple(nominal_outs[i].shape[1:]) for i in keep]
+    weights = [getattr(modules[i], "weight", None) if isinstance(maps[i], _WeightMap) else None
+               for i in keep]
+    return _LinearMapOfDifference.apply(delta, scale, [maps[i] for i in keep], shapes, rows, *weights)
+
+
+def _linear_map(module: nn.Module):
+    if isinstance(module, nn.Identity):
+        return None
+    if isinstance(module, nn.AvgPool2d):
+        return _PoolMap(module)
+    conv = conv_arguments(module)
     if conv is False:
-        raise TypeError(f"layer: expected nn.Linear or a zero-padded nn.Conv2d, got {type(layer).__name__}")
-    rows = nonzero_rows(delta)
-    out = _LinearMapOfDifference.apply(delta, layer.weight, _WeightMap(conv),
-                                       tuple(nominal_out.shape[1:]), rows)
-    return out, rows.numel() > 0
+        raise TypeError("modules: expected nn.Linear, a zero-padded nn.Conv2d, nn.AvgPool2d or "
+                        f"nn.Identity, got {type(module).__name__}")
+    return _WeightMap(conv)
 
 
 def conv_arguments(layer: nn.Module):
@@ -269,14 +288,13 @@ def _global_module_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
-def batch_norm_difference(bn: nn.modules.batchnorm._BatchNorm, nominal_in: torch.Tensor,
-                          delta: torch.Tensor, nonzero: bool, invstd: Optional[torch.Tensor]
-                          ) -> torch.Tensor:
-    """Output difference of a batch norm whose twins share the nominal rows' statistics:
-    ``delta * weight * invstd``, with the batch statistics of ``nominal_in (B, C, ...)`` in
-    training mode, the running variance otherwise.
+def batch_norm_scale(bn: nn.modules.batchnorm._BatchNorm, nominal_in: torch.Tensor,
+                     nonzero: bool, invstd: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight * invstd (C,)``: what a batch norm whose twins share the nominal rows'
+    statistics multiplies a difference of its input by, per channel; with the batch statistics
+    of ``nominal_in (B, C, ...)`` in training mode, the running variance otherwise.
 
-    With ``delta`` zero in value (``nonzero`` False) the gradient through the statistics,
+    For a difference zero in value (``nonzero`` False) the gradient through the statistics,
     ``sum(grad * delta)``, is zero, so the detached ``invstd`` of the nominal batch norm serves
     (:func:`batch_norm_nominal`); otherwise the statistics are recomputed with autograd.
     """
@@ -291,8 +309,7 @@ def batch_norm_difference(bn: nn.modules.batchnorm._BatchNorm, nominal_in: torch
             else:
                 var = bn.running_var
             invstd = torch.rsqrt(var + bn.eps)
-    scale = invstd * bn.weight if bn.affine else invstd
-    return delta * scale.view(_channel_shape(delta))
+    return invstd * bn.weight if bn.affine else invstd
 
 
 def shared_batch_norm(bn: nn.modules.batchnorm._BatchNorm, h: torch.Tensor,
@@ -301,7 +318,7 @@ def shared_batch_norm(bn: nn.modules.batchnorm._BatchNorm, h: torch.Tensor,
     rows only, as a forward pass without twins computes them (running statistics included).
 
     The nominal rows take the module's own batch norm; each twin row is its partner's output
-    plus the normalized difference of their inputs (:func:`batch_norm_difference`), which is
+    plus the difference of their inputs times :func:`batch_norm_scale`, which is
     zero where no spike flipped upstream.
     """
     if twins is None or not (bn.training or bn.running_mean is None):
@@ -309,21 +326,9 @@ def shared_batch_norm(bn: nn.modules.batchnorm._BatchNorm, h: torch.Tensor,
     nominal = twins.nominal(h)
     out, invstd = batch_norm_nominal(bn, nominal)
     delta = twins.twin(h) - twins.partner(nominal)
-    nonzero = nonzero_rows(delta).numel() > 0
-    twin_out = twins.partner(out) + batch_norm_difference(bn, nominal, delta, nonzero, invstd)
+    scale = batch_norm_scale(bn, nominal, nonzero_rows(delta).numel() > 0, invstd)
+    twin_out = twins.partner(out) + delta * scale.view(_channel_shape(delta))
     return torch.cat([out, twin_out], dim=0)
-
-
-def pool_difference(pool: nn.Module, delta: torch.Tensor, nominal_out: torch.Tensor) -> torch.Tensor:
-    """An average pooling (linear) of the difference ``(K, C, H, W)``, pooled only on its non-zero
-    rows, and without the module's hooks: monitors on the pool see only the nominal rows.
-    ``nominal_out``: the pool's output on the nominal rows (for the output shape)."""
-    if isinstance(pool, nn.Identity):
-        return delta
-    if not isinstance(pool, nn.AvgPool2d):
-        raise TypeError(f"pool: expected nn.AvgPool2d or nn.Identity, got {type(pool).__name__}")
-    return _LinearMapOfDifference.apply(delta, None, _PoolMap(pool), tuple(nominal_out.shape[1:]),
-                                        nonzero_rows(delta))
 
 
 def _channel_shape(like: torch.Tensor):
@@ -331,29 +336,47 @@ def _channel_shape(like: torch.Tensor):
 
 
 class _LinearMapOfDifference(torch.autograd.Function):
-    """``A(delta)`` for a linear map ``A`` (a layer's weight without bias, or a pooling) and
-    ``delta (K, ...)``; the forward and the weight-gradient products are taken on the non-zero
-    ``rows`` only, the input gradient on all rows."""
+    """``A(delta) * scale`` for ``A = maps[-1] o ... o maps[0]`` (see :func:`linear_difference`).
+
+    Forward, and the weight and scale gradients, on the non-zero ``rows`` only: the other rows
+    of ``A(delta)`` are zero, and so are their contributions to those gradients."""
 
     @staticmethod
-    def forward(ctx, delta, weight, linear_map, out_shape, rows):
-        out = delta.new_zeros((delta.shape[0],) + out_shape)
+    def forward(ctx, delta, scale, maps, shapes, rows, *weights):
+        out = delta.new_zeros((delta.shape[0],) + shapes[-1])
+        inputs, unscaled = [], None
         if rows.numel():
-            out[rows] = linear_map(delta[rows], weight)
-        ctx.save_for_backward(delta, weight, rows)
-        ctx.linear_map = linear_map
+            h = delta[rows]
+            for linear_map, weight in zip(maps, weights):
+                inputs.append(h)
+                h = linear_map(h, weight)
+            unscaled = h
+            out[rows] = h if scale is None else h * scale.view(_channel_shape(h))
+        ctx.save_for_backward(delta, scale, rows, *weights)
+        ctx.maps, ctx.shapes, ctx.inputs, ctx.unscaled = maps, shapes, inputs, unscaled
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        delta, weight, rows = ctx.saved_tensors
-        linear_map, g = ctx.linear_map, g.contiguous()
-        g_delta = linear_map.input_grad(g, delta, weight) if ctx.needs_input_grad[0] else None
-        g_weight = None
-        if weight is not None and ctx.needs_input_grad[1] and rows.numel():
-            g_weight = linear_map.weight_grad(g[rows], delta[rows], weight)
-        return g_delta, g_weight, None, None, None
+        delta, scale, rows, *weights = ctx.saved_tensors
+        needs, flipped, g = ctx.needs_input_grad, rows.numel() > 0, g.contiguous()
+        g_scale = None
+        if scale is not None:
+            if needs[1] and flipped:
+                g_scale = (g[rows] * ctx.unscaled).sum([0] + list(range(2, g.dim())))
+            g = g * scale.view(_channel_shape(g))
+        g_weights = [None] * len(weights)
+        for i in range(len(ctx.maps) - 1, -1, -1):
+            linear_map, weight = ctx.maps[i], weights[i]
+            if weight is not None and needs[5 + i] and flipped:
+                g_weights[i] = linear_map.weight_grad(g[rows], ctx.inputs[i], weight)
+            if i == 0 and not needs[0]:
+                return None, g_scale, None, None, None, *g_weights
+            # the input gradient needs the input's shape only: an uninitialized stand-in
+            x = delta if i == 0 else g.new_empty((g.shape[0],) + ctx.shapes[i - 1])
+            g = linear_map.input_grad(g, x, weight)
+        return g, g_scale, None, None, None, *g_weights
 
 
 class _WeightMap:

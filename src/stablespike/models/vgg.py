@@ -14,8 +14,8 @@ from torch import nn
 from .._checks import check_tensor, describe
 from ..dynamics import StateSpec, TwinLayout, shared_input
 from ..surrogate import fast_sigmoid
-from ..twin_differences import (batch_norm_difference, batch_norm_nominal, layer_difference,
-                                leaky_difference, leaky_supports_differences, pool_difference,
+from ..twin_differences import (batch_norm_nominal, batch_norm_scale, leaky_difference,
+                                leaky_supports_differences, linear_difference, nonzero_rows,
                                 shared_batch_norm)
 from .base import SeedModel, leaky, zeros_state
 
@@ -154,6 +154,7 @@ class SpikingVGG(SeedModel):
         n = self.total_conv_layers
         nominal, deltas = state[:2 * n], state[2 * n:]
         h, dh, k = x_t, None, 0  # the twins share the image: no first-block difference
+        ahead, ahead_outs = (), ()  # a pooling still to apply to ``dh``, and its nominal output
         mems, spikes, dmems, dspikes = [], [], [], []
         for blocks, pool in zip(self.stages, self.pools):
             for block in blocks:
@@ -161,18 +162,18 @@ class SpikingVGG(SeedModel):
                 normed, invstd = batch_norm_nominal(block.bn, conv)
                 current = None
                 if dh is not None:
-                    dconv, nonzero = layer_difference(block.conv, dh, conv)
-                    current = batch_norm_difference(block.bn, conv, dconv, nonzero, invstd)
+                    rows = nonzero_rows(dh)  # pooling and conv keep zero rows zero
+                    scale = batch_norm_scale(block.bn, conv, rows.numel() > 0, invstd)
+                    current = linear_difference(ahead + (block.conv,), dh, ahead_outs + (conv,), rows, scale)
                 spk, mem = block.lif(normed, nominal[k])
                 dmem, dspk = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins, spk)
                 mems.append(mem)
                 spikes.append(spk)
                 dmems.append(dmem)
                 dspikes.append(dspk)
-                h, dh, k = spk, dspk, k + 1
+                h, dh, k, ahead, ahead_outs = spk, dspk, k + 1, (), ()
             h = pool(h)
-            if k < n:  # the last stage's pooled difference would feed only the twins' readout
-                dh = pool_difference(pool, dh, h)
+            ahead, ahead_outs = (pool,), (h,)  # pooled with the next block's conv, in one node
         return h.flatten(1), tuple(mems) + tuple(spikes) + tuple(dmems) + tuple(dspikes)
 
     # --- seed API ---------------------------------------------------------------------------
