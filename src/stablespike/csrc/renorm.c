@@ -120,11 +120,26 @@ void NAME(int n, T **g_states, T **grads, const int64_t *widths, const int *grou
             const T *Gt = g_states[j] ? g_states[j] + (B + k) * W : NULL;                         \
             T *twin = grads[j] + (B + k) * W;                                                     \
             T *partner = differences ? NULL : grads[j] + (index ? index[k] : k) * W;              \
-            for (int64_t i = 0; i < W; i++) {                                                     \
-                T gt = Gt ? Gt[i] : (T)0;                                                         \
-                T dd = scale * gt + c * d[i];                                                     \
-                twin[i] = dd;                                                                     \
-                if (partner) partner[i] += gt - dd;                                               \
+            /* one branch-free loop per case, so that each vectorizes */                          \
+            if (Gt && partner) {                                                                  \
+                _Pragma("omp simd")                                                               \
+                for (int64_t i = 0; i < W; i++) {                                                 \
+                    T dd = scale * Gt[i] + c * d[i];                                              \
+                    twin[i] = dd;                                                                 \
+                    partner[i] += Gt[i] - dd;                                                     \
+                }                                                                                 \
+            } else if (Gt) {                                                                      \
+                _Pragma("omp simd")                                                               \
+                for (int64_t i = 0; i < W; i++) twin[i] = scale * Gt[i] + c * d[i];               \
+            } else if (partner) {                                                                 \
+                _Pragma("omp simd")                                                               \
+                for (int64_t i = 0; i < W; i++) {                                                 \
+                    twin[i] = c * d[i];                                                           \
+                    partner[i] -= c * d[i];                                                       \
+                }                                                                                 \
+            } else {                                                                              \
+                _Pragma("omp simd")                                                               \
+                for (int64_t i = 0; i < W; i++) twin[i] = c * d[i];                               \
             }                                                                                     \
             offset += K * W;                                                                      \
         }                                                                                         \
