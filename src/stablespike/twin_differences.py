@@ -44,15 +44,15 @@ def leaky_supports_differences(lif: nn.Module) -> bool:
 
 
 def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
-                     delta: torch.Tensor, delta_current: Optional[torch.Tensor],
-                     twins: TwinLayout, spikes: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     delta: torch.Tensor, delta_current, twins: TwinLayout,
+                     spikes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One step of the twins of an snnTorch ``Leaky`` layer, as differences.
 
     ``mem_prev``, ``mem``: the nominal membrane before and after the step ``(B, ...)``;
     ``delta``: twin minus partner membrane before the step ``(K, ...)``; ``delta_current``: twin
-    minus partner input current (None: the same input); ``spikes``: the nominal spikes of the
-    step, ``lif``'s output (optional, see below).
+    minus partner input current: a tensor, a :class:`LinearDifference` (computed inside this
+    node: no zero tensor where no spike flipped upstream, one node less) or None (the same
+    input); ``spikes``: the nominal spikes of the step, ``lif``'s output (optional, see below).
     Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each.
     One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
     their arithmetic.
@@ -67,8 +67,12 @@ def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
         node = spike_node(spikes)
     constants = twins.memo(("leaky", id(lif), delta.dtype, delta.device),
                            lambda: _LeakyConstants(lif, delta))
-    return _LeakyDifference.apply(constants, twins, node, mem_prev, mem, delta, delta_current,
-                                  spikes if node is not None else None)
+    lazy = delta_current if isinstance(delta_current, LinearDifference) else None
+    tensors = (None, None, ()) if lazy is None else (lazy.delta, lazy.scale, lazy.weights)
+    return _LeakyDifference.apply(constants, twins, node, lazy, mem_prev, mem, delta,
+                                  None if lazy is not None else delta_current,
+                                  spikes if node is not None else None, tensors[0], tensors[1],
+                                  *tensors[2])
 
 
 class _LeakyConstants:
@@ -99,11 +103,16 @@ class _LeakyDifference(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, constants, twins, node, mem_prev, mem, delta, delta_current, _spikes):
+    def forward(ctx, constants, twins, node, lazy, mem_prev, mem, delta, delta_current, _spikes,
+                upstream, scale, *weights):
         # ``_spikes`` (when ``node`` is its surrogate node) is an input only so that autograd
-        # runs this backward before ``node``'s, which then adds the partner gradient
-        ctx.constants, ctx.twins, ctx.node = constants, twins, node
-        ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None
+        # runs this backward before ``node``'s, which then adds the partner gradient.
+        # ``lazy``: a LinearDifference of ``upstream``, ``scale`` and ``weights`` (its tensors,
+        # inputs here so that they get their gradients), computed here; None where zero
+        ctx.constants, ctx.twins, ctx.node, ctx.lazy = constants, twins, node, lazy
+        if lazy is not None:
+            delta_current = lazy.rows_forward()
+        ctx.mem_shape, ctx.has_current = mem.shape, delta_current is not None or lazy is not None
         ctx.use_native = constants.native is not None and (
             delta_current is None or delta_current.dtype == delta.dtype)
         if ctx.use_native:
@@ -139,7 +148,11 @@ class _LeakyDifference(torch.autograd.Function):
                 add_to_input_grad(ctx.node, ctx.twins.index, g_partner)
         elif g_partner is not None:
             g_mem = ctx.twins.scatter_to_partners(g_partner, ctx.mem_shape)
-        return None, None, None, None, g_mem, g_delta, g_current, None
+        if ctx.lazy is None:
+            return (None,) * 5 + (g_mem, g_delta, g_current) + (None,) * 3
+        needs = ctx.needs_input_grad
+        g_upstream, g_scale, g_weights = ctx.lazy.backward(g_current, needs[9], needs[10], needs[11:])
+        return (None,) * 5 + (g_mem, g_delta, None, None, g_upstream, g_scale, *g_weights)
 
 
 def _will_run(node) -> bool:
@@ -203,25 +216,80 @@ def _native_leaky_backward(ctx, g_new, g_dspk):
     return g_delta, g_current, (None if g_dspk is None else g_partner)
 
 
-def linear_difference(modules: Sequence[nn.Module], delta: torch.Tensor,
-                      nominal_outs: Sequence[torch.Tensor], rows: torch.Tensor,
-                      scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``A(delta) * scale`` for ``A`` the linear modules ``modules`` applied in order
-    (``nn.AvgPool2d``, ``nn.Identity``, ``nn.Linear`` or a zero-padded ``nn.Conv2d``, the latter
-    two as their weight's linear map, without bias), as one autograd node.
+class LinearDifference:
+    """``A(delta) * scale``, not computed yet: ``A`` the linear modules ``modules`` applied in
+    order (``nn.AvgPool2d``, ``nn.Identity``, ``nn.Linear`` or a zero-padded ``nn.Conv2d``, the
+    latter two as their weight's linear map, without bias).
 
     ``delta (K, ...)``: a difference; ``nominal_outs``: each module's output on the nominal rows
     (for the shapes); ``rows``: :func:`nonzero_rows` of ``delta`` (or more rows); ``scale``:
     ``(C,)`` per output channel (:func:`batch_norm_scale`) or None. The products with the
     weights are taken on ``rows`` only, the gradient for ``delta`` on all rows. Module hooks do
     not run: monitors on the modules see only the nominal rows.
+
+    Give it to :func:`leaky_difference` as the current difference (computed in that node), or
+    take :meth:`tensor` (its own node).
     """
-    maps = [_linear_map(m) for m in modules]
-    keep = [i for i, m in enumerate(maps) if m is not None]
-    shapes = [tuple(nominal_outs[i].shape[1:]) for i in keep]
-    weights = [getattr(modules[i], "weight", None) if isinstance(maps[i], _WeightMap) else None
-               for i in keep]
-    return _LinearMapOfDifference.apply(delta, scale, [maps[i] for i in keep], shapes, rows, *weights)
+
+    def __init__(self, modules: Sequence[nn.Module], delta: torch.Tensor,
+                 nominal_outs: Sequence[torch.Tensor], rows: torch.Tensor,
+                 scale: Optional[torch.Tensor] = None):
+        maps = [_linear_map(m) for m in modules]
+        keep = [i for i, m in enumerate(maps) if m is not None]
+        self.maps = [maps[i] for i in keep]
+        self.shapes = [tuple(nominal_outs[i].shape[1:]) for i in keep]
+        self.weights = tuple(modules[i].weight if isinstance(maps[i], _WeightMap) else None for i in keep)
+        self.delta, self.rows, self.scale = delta, rows, scale
+        self.inputs, self.unscaled = [], None
+
+    def tensor(self) -> torch.Tensor:
+        """``A(delta) * scale`` ``(K, ...)``, zero on the rows not in ``rows``."""
+        return _LinearMapOfDifference.apply(self, self.delta, self.scale, *self.weights)
+
+    def rows_forward(self) -> Optional[torch.Tensor]:
+        """The value (no autograd), or None when ``rows`` is empty (then it is zero). Keeps what
+        :meth:`backward` needs."""
+        rows, scale = self.rows, self.scale
+        if not rows.numel():
+            return None
+        h = self.delta.detach()[rows]
+        for linear_map, weight in zip(self.maps, self.weights):
+            self.inputs.append(h)
+            h = linear_map(h, None if weight is None else weight.detach())
+        self.unscaled = h
+        out = h.new_zeros((self.delta.shape[0],) + self.shapes[-1])
+        out[rows] = h if scale is None else h * scale.detach().view(_channel_shape(h))
+        return out
+
+    def backward(self, g: Optional[torch.Tensor], needs_delta: bool, needs_scale: bool,
+                 needs_weights: Sequence[bool]):
+        """Gradients for ``delta``, ``scale`` and the weights from ``g``, the gradient of the value."""
+        g_weights = [None] * len(self.weights)
+        if g is None:
+            return None, None, g_weights
+        rows, scale, flipped, g = self.rows, self.scale, self.rows.numel() > 0, g.contiguous()
+        g_scale = None
+        if scale is not None:
+            if needs_scale and flipped:
+                g_scale = (g[rows] * self.unscaled).sum([0] + list(range(2, g.dim())))
+            g = g * scale.detach().view(_channel_shape(g))
+        for i in range(len(self.maps) - 1, -1, -1):
+            linear_map, weight = self.maps[i], self.weights[i]
+            if weight is not None and needs_weights[i] and flipped:
+                g_weights[i] = linear_map.weight_grad(g[rows], self.inputs[i], weight.detach())
+            if i == 0 and not needs_delta:
+                return None, g_scale, g_weights
+            # the input gradient needs the input's shape only: an uninitialized stand-in
+            x = self.delta.detach() if i == 0 else g.new_empty((g.shape[0],) + self.shapes[i - 1])
+            g = linear_map.input_grad(g, x, None if weight is None else weight.detach())
+        return g, g_scale, g_weights
+
+
+def linear_difference(modules: Sequence[nn.Module], delta: torch.Tensor,
+                      nominal_outs: Sequence[torch.Tensor], rows: torch.Tensor,
+                      scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``LinearDifference(...).tensor()``: see :class:`LinearDifference`."""
+    return LinearDifference(modules, delta, nominal_outs, rows, scale).tensor()
 
 
 def _linear_map(module: nn.Module):
@@ -336,47 +404,20 @@ def _channel_shape(like: torch.Tensor):
 
 
 class _LinearMapOfDifference(torch.autograd.Function):
-    """``A(delta) * scale`` for ``A = maps[-1] o ... o maps[0]`` (see :func:`linear_difference`).
-
-    Forward, and the weight and scale gradients, on the non-zero ``rows`` only: the other rows
-    of ``A(delta)`` are zero, and so are their contributions to those gradients."""
+    """:meth:`LinearDifference.tensor` as an autograd node (its tensors are the inputs)."""
 
     @staticmethod
-    def forward(ctx, delta, scale, maps, shapes, rows, *weights):
-        out = delta.new_zeros((delta.shape[0],) + shapes[-1])
-        inputs, unscaled = [], None
-        if rows.numel():
-            h = delta[rows]
-            for linear_map, weight in zip(maps, weights):
-                inputs.append(h)
-                h = linear_map(h, weight)
-            unscaled = h
-            out[rows] = h if scale is None else h * scale.view(_channel_shape(h))
-        ctx.save_for_backward(delta, scale, rows, *weights)
-        ctx.maps, ctx.shapes, ctx.inputs, ctx.unscaled = maps, shapes, inputs, unscaled
-        return out
+    def forward(ctx, lazy, delta, scale, *weights):
+        ctx.lazy = lazy
+        out = lazy.rows_forward()
+        return delta.new_zeros((delta.shape[0],) + lazy.shapes[-1]) if out is None else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        delta, scale, rows, *weights = ctx.saved_tensors
-        needs, flipped, g = ctx.needs_input_grad, rows.numel() > 0, g.contiguous()
-        g_scale = None
-        if scale is not None:
-            if needs[1] and flipped:
-                g_scale = (g[rows] * ctx.unscaled).sum([0] + list(range(2, g.dim())))
-            g = g * scale.view(_channel_shape(g))
-        g_weights = [None] * len(weights)
-        for i in range(len(ctx.maps) - 1, -1, -1):
-            linear_map, weight = ctx.maps[i], weights[i]
-            if weight is not None and needs[5 + i] and flipped:
-                g_weights[i] = linear_map.weight_grad(g[rows], ctx.inputs[i], weight)
-            if i == 0 and not needs[0]:
-                return None, g_scale, None, None, None, *g_weights
-            # the input gradient needs the input's shape only: an uninitialized stand-in
-            x = delta if i == 0 else g.new_empty((g.shape[0],) + ctx.shapes[i - 1])
-            g = linear_map.input_grad(g, x, weight)
-        return g, g_scale, None, None, None, *g_weights
+        needs = ctx.needs_input_grad
+        g_delta, g_scale, g_weights = ctx.lazy.backward(g, needs[1], needs[2], needs[3:])
+        return None, g_delta, g_scale, *g_weights
 
 
 class _WeightMap:
