@@ -151,6 +151,26 @@ def test_without_a_working_compiler_the_pytorch_operations_run(monkeypatch, tmp_
         native._library.cache_clear()
 
 
+def test_a_compiler_that_cannot_target_this_cpu_builds_for_the_baseline(monkeypatch, tmp_path):
+    """The kernels are built for the CPU's own vector instructions where the compiler can, for
+    the baseline where it cannot; machines with other instruction sets get other files."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("STABLESPIKE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_NATIVE_ARCH", ["-mno-such-instruction-set"])
+    native._library.cache_clear()
+    try:
+        assert native.kernel(torch.float32) is not None
+        built = sorted(p.name for p in tmp_path.iterdir())
+        assert len(built) == 1
+        native._library.cache_clear()
+        monkeypatch.setattr(native, "_cpu_signature", lambda: "another-cpu")
+        assert native.kernel(torch.float32) is not None
+        assert len(list(tmp_path.iterdir())) == 2  # not the other machine's file
+    finally:
+        native._library.cache_clear()
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("groups", [[(0, 1)], [(0,), (1,)]], ids=["global", "per-layer"])
 def test_kernel_on_differences_equals_pytorch_operations(dtype, tol, groups, monkeypatch):
