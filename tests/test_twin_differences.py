@@ -225,13 +225,15 @@ def _compare_leaky_kernel_with_pytorch(monkeypatch):
     g = torch.Generator().manual_seed(5)
     mem_prev, mem = torch.randn(5, 3001, generator=g) + 1, torch.randn(5, 3001, generator=g) + 1
     delta, current = 0.3 * torch.randn(3, 3001, generator=g), 0.3 * torch.randn(3, 3001, generator=g)
+    delta[1], current[1] = 0.0, 0.0  # a twin that equals its partner: no flip in its row
     seeds = [torch.randn(3, 3001, generator=g) for _ in range(2)]
     results = []
     for env in ("1", "0"):
         monkeypatch.setenv("STABLESPIKE_NATIVE", env)
         leaves = [t.clone().requires_grad_(True) for t in (mem, delta, current)]
-        outs = leaky_difference(lif, mem_prev, leaves[0], leaves[1], leaves[2], twins)
+        *outs, flipped = leaky_difference(lif, mem_prev, leaves[0], leaves[1], leaves[2], twins)
         torch.autograd.backward(outs, seeds)
+        assert flipped.tolist() == [0, 2] and flipped.tolist() == nonzero_rows(outs[1]).tolist()
         results.append([o.detach() for o in outs] + [t.grad for t in leaves])
     assert results[0][1].abs().sum() > 0  # spikes flipped
     for a, b in zip(*results):
@@ -246,6 +248,7 @@ def test_taking_every_row_as_flipped_changes_nothing(monkeypatch):
     other = copy.deepcopy(model)
     a, grads_a, _ = _estimate(model, x, True, monkeypatch, eps=0.3)
     monkeypatch.setattr(td, "nonzero_rows", lambda d: torch.arange(d.shape[0]))
+    monkeypatch.setenv("STABLESPIKE_NATIVE", "0")  # the kernel finds the flipped rows itself
     b, grads_b, _ = _estimate(other, x, True, monkeypatch, eps=0.3)
     assert torch.allclose(a.per_sample, b.per_sample, rtol=1e-12, atol=1e-12)
     for ga, gb in zip(grads_a, grads_b):
@@ -276,7 +279,7 @@ def _lif_step_with_twins(with_spikes: bool, factor: float = 1.0):
     delta, dcurrent = 0.3 * torch.randn(3, 400, generator=g), 0.3 * torch.randn(3, 400, generator=g)
     leaves = [t.requires_grad_(True) for t in (current, mem_prev, delta, dcurrent)]
     spk, mem = lif(current, mem_prev)
-    dmem, dspk = leaky_difference(lif, mem_prev, mem, delta, dcurrent, twins,
+    dmem, dspk, _ = leaky_difference(lif, mem_prev, mem, delta, dcurrent, twins,
                                   spk if with_spikes else None)
     weights = [torch.randn(t.shape, generator=g) for t in (spk, mem, dmem, dspk)]
     loss = sum((w * t).sum() for w, t in zip(weights, (spk, mem, dmem, dspk)))

@@ -39,15 +39,16 @@ _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _PARALLEL_MIN_VALUES = 1 << 16
 
 
-def call_elementwise(fn, n: int, args: Sequence) -> None:
-    """``fn(start, stop, *args)`` over ``[0, n)`` for a kernel whose elements are independent,
-    split into ``torch.get_num_threads()`` contiguous ranges run at once above
+def call_elementwise(fn, n: int, args: Sequence, align: int = 1) -> None:
+    """``fn(start, stop, *args)`` over ``[0, n)`` for a kernel whose elements are independent
+    (or whose groups of ``align`` elements are: ranges start at multiples of ``align``), split
+    into ``torch.get_num_threads()`` contiguous ranges run at once above
     ``_PARALLEL_MIN_VALUES`` values."""
-    chunks = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN_VALUES))
+    chunks = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN_VALUES), max(1, n // align))
     if chunks == 1:
         fn(0, n, *args)
         return
-    bounds = [n * c // chunks for c in range(chunks + 1)]
+    bounds = [(n // align) * c // chunks * align for c in range(chunks)] + [n]
     futures = [_pool().submit(fn, bounds[c], bounds[c + 1], *args) for c in range(1, chunks)]
     fn(0, bounds[1], *args)
     for future in futures:
@@ -152,7 +153,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "renorm_forward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, dbl, p, p, p],
         "renorm_backward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, p, p, p, p],
-        "leaky_difference_forward": [i64, i64, i64, p, p, p, p, p, dbl, dbl, dbl, p, p, p],
+        "leaky_difference_forward": [i64, i64, i64, p, p, p, p, p, dbl, dbl, dbl, p, p, p, p],
         "leaky_difference_backward": [i64, i64, p, p, p, p, dbl, dbl, dbl, dbl, p, p, p],
     }
     for name, argtypes in signatures.items():

@@ -53,8 +53,10 @@ def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
     minus partner input current: a tensor, a :class:`LinearDifference` (computed inside this
     node: no zero tensor where no spike flipped upstream, one node less) or None (the same
     input); ``spikes``: the nominal spikes of the step, ``lif``'s output (optional, see below).
-    Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each.
-    One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
+    Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each,
+    and the twin rows whose spikes differ from their partner's, ``(k,)`` (what
+    :class:`LinearDifference` takes as ``rows`` downstream; found while the spikes are computed,
+    rather than read back from memory, which here cost more than computing them). One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
     their arithmetic.
 
     The partners' membranes get a gradient on ``K`` of ``B`` rows. Given ``spikes`` made by a
@@ -116,7 +118,9 @@ class _LeakyDifference(torch.autograd.Function):
         ctx.use_native = constants.native is not None and (
             delta_current is None or delta_current.dtype == delta.dtype)
         if ctx.use_native:
-            return _native_leaky_forward(ctx, mem_prev, mem, delta, delta_current)
+            new, dspk, flipped = _native_leaky_forward(ctx, mem_prev, mem, delta, delta_current)
+            ctx.mark_non_differentiable(flipped)
+            return new, dspk, flipped
         beta, thr = constants.beta, constants.thr
         partner_prev = twins.partner(mem_prev)
         # comparisons written into float tensors: several times faster on a CPU than bool -> float
@@ -133,11 +137,13 @@ class _LeakyDifference(torch.autograd.Function):
         if constants.scale_spikes:
             dspk *= constants.factor
         ctx.save_for_backward(u_twin, u_partner)
-        return new, dspk
+        flipped = nonzero_rows(dspk)
+        ctx.mark_non_differentiable(flipped)
+        return new, dspk, flipped
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_new, g_dspk):
+    def backward(ctx, g_new, g_dspk, _g_flipped):
         if ctx.use_native:
             g_delta, g_current, g_partner = _native_leaky_backward(ctx, g_new, g_dspk)
         else:
@@ -192,13 +198,14 @@ def _native_leaky_forward(ctx, mem_prev, mem, delta, delta_current):
     mem_prev, mem, delta = mem_prev.contiguous(), mem.contiguous(), delta.contiguous()
     current = None if delta_current is None else delta_current.contiguous()
     new, dspk, partner = torch.empty_like(delta), torch.empty_like(delta), torch.empty_like(delta)
-    index = twins.kernel_index()
-    args = (delta[0].numel(), None if index is None else index.data_ptr(), mem_prev.data_ptr(),
+    flipped = torch.zeros(delta.shape[0], dtype=torch.int8)
+    index, row = twins.kernel_index(), delta[0].numel()
+    args = (row, None if index is None else index.data_ptr(), mem_prev.data_ptr(),
             mem.data_ptr(), delta.data_ptr(), None if current is None else current.data_ptr(),
-            beta, thr, factor, new.data_ptr(), dspk.data_ptr(), partner.data_ptr())
-    native.call_elementwise(ctx.constants.native[0], delta.numel(), args)
+            beta, thr, factor, new.data_ptr(), dspk.data_ptr(), partner.data_ptr(), flipped.data_ptr())
+    native.call_elementwise(ctx.constants.native[0], delta.numel(), args, align=row)
     ctx.save_for_backward(partner, new)
-    return new, dspk
+    return new, dspk, flipped.nonzero().squeeze(1)
 
 
 def _native_leaky_backward(ctx, g_new, g_dspk):

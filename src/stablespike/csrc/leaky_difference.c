@@ -2,7 +2,8 @@
  * (see twin_differences.py, class _LeakyDifference, for the formulas). The surrogate is the
  * fast sigmoid, derivative 1 / (1 + slope |u|)^2. Each call handles the elements [start, stop)
  * of the (K, row) twin arrays; the nominal membranes have B rows, and twin row r's partner is
- * row index[r] (index NULL: row r). Arrays are contiguous; NULL arrays are zero / not wanted. */
+ * row index[r] (index NULL: row r). Arrays are contiguous; NULL arrays are zero / not wanted.
+ * flipped[r] (K bytes, zeroed by the caller) is set to 1 where a spike of twin row r differs. */
 #include <math.h>
 #include <stdint.h>
 
@@ -10,7 +11,8 @@
 void NAME(int64_t start, int64_t stop, int64_t row, const int64_t *restrict index,              \
           const T *restrict mem_prev, const T *restrict mem, const T *restrict delta,             \
           const T *restrict current, double beta, double thr, double factor,                      \
-          T *restrict new_delta, T *restrict spike_delta, T *restrict partner_out)                \
+          T *restrict new_delta, T *restrict spike_delta, T *restrict partner_out,                \
+          int8_t *restrict flipped)                                                               \
 {                                                                                                 \
     const T b = (T)beta, th = (T)thr, f = (T)factor;                                             \
     for (int64_t i = start; i < stop;) {                                                          \
@@ -18,6 +20,7 @@ void NAME(int64_t start, int64_t stop, int64_t row, const int64_t *restrict inde
         /* the partner of twin element i is element i + shift of the nominal arrays */          \
         const int64_t shift = ((index ? index[r] : r) - r) * row;                                 \
         const T *restrict prev = mem_prev + shift, *restrict now = mem + shift;                   \
+        int any = 0;                                                                              \
         for (; i < end; i++) {                                                                    \
             T pp = prev[i];                                                                       \
             T reset = (T)(pp + delta[i] > th) - (T)(pp > th);                                     \
@@ -25,10 +28,14 @@ void NAME(int64_t start, int64_t stop, int64_t row, const int64_t *restrict inde
             if (current) nw += current[i];                                                        \
             T up = now[i] - th;                                                                   \
             T ut = up + nw;                                                                       \
+            int differ = (ut > 0) != (up > 0);                                                    \
             new_delta[i] = nw;                                                                    \
-            spike_delta[i] = ((T)(ut > 0) - (T)(up > 0)) * f;                                     \
+            spike_delta[i] = (T)((ut > 0) - (up > 0)) * f;                                        \
             partner_out[i] = now[i];                                                              \
+            any |= differ;                                                                        \
         }                                                                                         \
+        /* rows are never split between calls (native.call_elementwise's align) */              \
+        if (flipped && any) flipped[r] = 1;                                                       \
     }                                                                                             \
 }
 

@@ -15,7 +15,7 @@ from .._checks import check_tensor, describe
 from ..dynamics import StateSpec, TwinLayout, shared_input
 from ..surrogate import fast_sigmoid
 from ..twin_differences import (batch_norm_nominal, batch_norm_scale, leaky_difference,
-                                leaky_supports_differences, LinearDifference, nonzero_rows,
+                                leaky_supports_differences, LinearDifference,
                                 shared_batch_norm)
 from .base import SeedModel, leaky, zeros_state
 
@@ -161,12 +161,11 @@ class SpikingVGG(SeedModel):
                 conv = block.conv(h)
                 normed, invstd = batch_norm_nominal(block.bn, conv)
                 current = None
-                if dh is not None:
-                    rows = nonzero_rows(dh)  # pooling and conv keep zero rows zero
-                    scale = batch_norm_scale(block.bn, conv, rows.numel() > 0, invstd)
-                    current = LinearDifference(ahead + (block.conv,), dh, ahead_outs + (conv,), rows, scale)
+                if dh is not None:  # pooling and conv keep the rows without flips zero
+                    scale = batch_norm_scale(block.bn, conv, flipped.numel() > 0, invstd)
+                    current = LinearDifference(ahead + (block.conv,), dh, ahead_outs + (conv,), flipped, scale)
                 spk, mem = block.lif(normed, nominal[k])
-                dmem, dspk = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins, spk)
+                dmem, dspk, flipped = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins, spk)
                 mems.append(mem)
                 spikes.append(spk)
                 dmems.append(dmem)
