@@ -318,3 +318,21 @@ def test_spike_node_finds_the_fast_sigmoid_behind_snntorchs_spike_factor():
     assert isinstance(spike_node(spk), _FastSigmoidSpike._backward_cls)
     assert spike_node(mem) is None  # a membrane is not a spike
     assert spike_node(spk.detach()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (2, 3, 7, 7), (1, 1, 2, 3)])
+def test_the_average_pooling_gradient_kernel_is_pytorchs(shape, dtype):
+    """The C kernel for the 2x2 pooling's input gradient against aten's avg_pool2d_backward
+    (odd sizes: the last row or column lies in no window)."""
+    from stablespike import native
+    from stablespike.twin_differences import _PoolMap
+    if native.function(dtype, "avg_pool2x2_backward") is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    out = F.avg_pool2d(x, 2)
+    g = torch.randn_like(out)
+    expected = torch.autograd.grad(out, x, g)[0]
+    assert torch.equal(_PoolMap(nn.AvgPool2d(2)).input_grad(g, x.detach()), expected)
+    assert torch.equal(_PoolMap(nn.AvgPool2d(2)).input_grad(g.transpose(2, 3).contiguous().transpose(2, 3),
+                                                          x.detach()), expected)  # not contiguous

@@ -1,5 +1,5 @@
-"""The CPU kernels in ``csrc/`` (renormalization of twin rows, the LIF twin difference): built on
-first use into one library, loaded with ctypes.
+"""The CPU kernels in ``csrc/`` (renormalization of twin rows, the LIF twin difference, the
+backward of 2x2 average pooling): built on first use into one library, loaded with ctypes.
 
 Why native: per time step each is ~15-25 small tensor operations; on a CPU their dispatch (for
 small tensors) or their passes over memory (for large ones), not their arithmetic, made the
@@ -68,13 +68,16 @@ def enabled() -> bool:
 def kernel(dtype: torch.dtype, name: str = "renorm"):
     """``(forward, backward)`` C functions ``{name}_forward_{f32|f64}`` for ``dtype`` (float32 or
     float64), or None."""
+    fns = function(dtype, f"{name}_forward"), function(dtype, f"{name}_backward")
+    return None if None in fns else fns
+
+
+def function(dtype: torch.dtype, name: str):
+    """The C function ``{name}_{f32|f64}`` for ``dtype`` (float32 or float64), or None."""
     if dtype not in _DTYPES or not enabled():
         return None
     lib = _library()
-    if lib is None:
-        return None
-    suffix = _DTYPES[dtype]
-    return getattr(lib, f"{name}_forward_{suffix}"), getattr(lib, f"{name}_backward_{suffix}")
+    return None if lib is None else getattr(lib, f"{name}_{_DTYPES[dtype]}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +158,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "renorm_backward": [i, p, p, i64p, intp, i, i64, i64, p, i, dbl, p, p, p, p],
         "leaky_difference_forward": [i64, i64, i64, p, p, p, p, p, dbl, dbl, dbl, p, p, p, p],
         "leaky_difference_backward": [i64, i64, p, p, p, p, dbl, dbl, dbl, dbl, p, p, p],
+        "avg_pool2x2_backward": [i64, i64, i64, p, p],
     }
     for name, argtypes in signatures.items():
         for suffix in _DTYPES.values():

@@ -240,12 +240,13 @@ class LinearDifference:
 
     def __init__(self, modules: Sequence[nn.Module], delta: torch.Tensor,
                  nominal_outs: Sequence[torch.Tensor], rows: torch.Tensor,
-                 scale: Optional[torch.Tensor] = None):
-        maps = [_linear_map(m) for m in modules]
-        keep = [i for i, m in enumerate(maps) if m is not None]
-        self.maps = [maps[i] for i in keep]
+                 scale: Optional[torch.Tensor] = None, twins: Optional[TwinLayout] = None):
+        # ``twins``: the loop's layout, to build the modules' maps once per loop
+        build = lambda: _linear_maps(modules)
+        keep, self.maps = build() if twins is None else twins.memo(("maps", *map(id, modules)), build)
         self.shapes = [tuple(nominal_outs[i].shape[1:]) for i in keep]
-        self.weights = tuple(modules[i].weight if isinstance(maps[i], _WeightMap) else None for i in keep)
+        self.weights = tuple(modules[i].weight if isinstance(m, _WeightMap) else None
+                             for i, m in zip(keep, self.maps))
         self.delta, self.rows, self.scale = delta, rows, scale
         self.inputs, self.unscaled = [], None
 
@@ -297,6 +298,13 @@ def linear_difference(modules: Sequence[nn.Module], delta: torch.Tensor,
                       scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``LinearDifference(...).tensor()``: see :class:`LinearDifference`."""
     return LinearDifference(modules, delta, nominal_outs, rows, scale).tensor()
+
+
+def _linear_maps(modules: Sequence[nn.Module]):
+    """The positions of the modules that are not identities, and their maps."""
+    maps = [_linear_map(m) for m in modules]
+    keep = [i for i, m in enumerate(maps) if m is not None]
+    return keep, [maps[i] for i in keep]
 
 
 def _linear_map(module: nn.Module):
@@ -466,5 +474,14 @@ class _PoolMap:
     def input_grad(self, g, x, _weight=None):
         kernel, stride, padding, ceil_mode, include_pad, divisor = self.args
         pair = torch.nn.modules.utils._pair
-        return torch.ops.aten.avg_pool2d_backward(g, x, pair(kernel), pair(stride or kernel),
-                                                  pair(padding), ceil_mode, include_pad, divisor)
+        kernel, stride, padding = pair(kernel), pair(stride or kernel), pair(padding)
+        fn = None
+        if (kernel, stride, padding, divisor) == ((2, 2), (2, 2), (0, 0), None) and not ceil_mode \
+                and g.device.type == "cpu" and g.dtype == x.dtype and g.dim() == 4:
+            fn = native.function(g.dtype, "avg_pool2x2_backward")
+        if fn is None:
+            return torch.ops.aten.avg_pool2d_backward(g, x, kernel, stride, padding, ceil_mode,
+                                                      include_pad, divisor)
+        g, out = g.contiguous(), g.new_empty(x.shape)
+        fn(x.shape[0] * x.shape[1], x.shape[2], x.shape[3], g.data_ptr(), out.data_ptr())
+        return out

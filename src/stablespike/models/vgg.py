@@ -163,7 +163,7 @@ class SpikingVGG(SeedModel):
                 current = None
                 if dh is not None:  # pooling and conv keep the rows without flips zero
                     scale = batch_norm_scale(block.bn, conv, flipped.numel() > 0, invstd)
-                    current = LinearDifference(ahead + (block.conv,), dh, ahead_outs + (conv,), flipped, scale)
+                    current = LinearDifference(ahead + (block.conv,), dh, ahead_outs + (conv,), flipped, scale, twins)
                 spk, mem = block.lif(normed, nominal[k])
                 dmem, dspk, flipped = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins, spk)
                 mems.append(mem)
