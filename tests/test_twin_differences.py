@@ -11,7 +11,7 @@ from torch import nn
 from stablespike import SpikingMLP, SpikingVGG
 from stablespike.dynamics import TwinLayout, unroll
 from stablespike.lyapunov import finite_difference_lyapunov
-from stablespike.twin_differences import batch_norm_nominal, linear_difference, nonzero_rows
+from stablespike.twin_differences import LinearDifference, batch_norm_nominal, nonzero_rows
 
 
 def _estimate(model, x, differences: bool, monkeypatch, **kwargs):
@@ -131,7 +131,7 @@ def test_linear_difference_is_the_chains_linear_map_with_its_gradients(chain, sc
     scale = (torch.rand(channels, dtype=torch.float64) + 0.5).requires_grad_(True) if scaled else None
     if scaled:
         expected = expected * scale.view((1, -1) + (1,) * (expected.dim() - 2))
-    out = linear_difference(modules, delta, nominal_outs, nonzero_rows(delta), scale)
+    out = LinearDifference(modules, delta, nominal_outs, nonzero_rows(delta), scale).tensor()
     assert nonzero_rows(delta).tolist() == [0, 2, 4]
     assert torch.allclose(out, expected, atol=1e-12)
     weights = [m.weight for m in modules if hasattr(m, "weight")]
@@ -139,7 +139,7 @@ def test_linear_difference_is_the_chains_linear_map_with_its_gradients(chain, sc
     def run(d, s, *ws):
         it = iter(ws)
         chain_ = [_with_weight(m, next(it)) if hasattr(m, "weight") else m for m in modules]
-        return linear_difference(chain_, d, nominal_outs, nonzero_rows(d), s)
+        return LinearDifference(chain_, d, nominal_outs, nonzero_rows(d), s).tensor()
     torch.autograd.gradcheck(run, (delta, scale, *weights))
 
 
@@ -147,7 +147,7 @@ def test_linear_difference_of_a_zero_difference_is_zero_with_the_input_gradient(
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
     delta = torch.zeros(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     scale = torch.ones(4, dtype=torch.float64, requires_grad=True)
-    out = linear_difference([conv], delta, [conv(delta[:1])], nonzero_rows(delta), scale)
+    out = LinearDifference([conv], delta, [conv(delta[:1])], nonzero_rows(delta), scale).tensor()
     assert not out.any()
     g = torch.randn_like(out)
     out.backward(g)
@@ -164,8 +164,8 @@ def _with_weight(layer, weight):
 
 def test_linear_difference_refuses_other_modules():
     with pytest.raises(TypeError, match="modules: expected nn.Linear.*got MaxPool2d"):
-        linear_difference([nn.MaxPool2d(2)], torch.zeros(1, 1, 2, 2), [torch.zeros(1, 1, 1, 1)],
-                          torch.zeros(0, dtype=torch.long))
+        LinearDifference([nn.MaxPool2d(2)], torch.zeros(1, 1, 2, 2), [torch.zeros(1, 1, 1, 1)],
+                         torch.zeros(0, dtype=torch.long))
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -336,3 +336,16 @@ def test_the_average_pooling_gradient_kernel_is_pytorchs(shape, dtype):
     assert torch.equal(_PoolMap(nn.AvgPool2d(2)).input_grad(g, x.detach()), expected)
     assert torch.equal(_PoolMap(nn.AvgPool2d(2)).input_grad(g.transpose(2, 3).contiguous().transpose(2, 3),
                                                           x.detach()), expected)  # not contiguous
+
+
+def test_spike_node_checks_which_membrane_the_spikes_came_from():
+    """Spikes of another step (or layer) than the membrane given: no node, so the partner
+    gradient takes the scattered route rather than landing on the wrong tensor."""
+    from stablespike.models.base import leaky
+    from stablespike.surrogate import spike_node
+    lif = leaky(0.9, 1.0, None)
+    x = torch.randn(2, 5, requires_grad=True)
+    spk1, mem1 = lif(x, torch.zeros(2, 5))
+    spk2, mem2 = lif(x, mem1)
+    assert spike_node(spk2, mem2) is not None
+    assert spike_node(spk2, mem1) is None and spike_node(spk1, mem2) is None

@@ -7,6 +7,8 @@ mode) and tangent dynamics (forward mode) see the same Jacobian.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -52,19 +54,28 @@ class _FastSigmoidSpike(torch.autograd.Function):
         return u_tangent / _denominator(u, ctx.slope)
 
 
-def spike_node(spikes: torch.Tensor):
+def spike_node(spikes: torch.Tensor, membrane: Optional[torch.Tensor] = None):
     """The autograd node of the :class:`FastSigmoid` call that produced ``spikes``, directly or
     through a multiplication by a constant (snnTorch's ``graded_spikes_factor``); None if
-    ``spikes`` came otherwise (another surrogate, a backward hook's wrapper, no autograd)."""
-    node = spikes.grad_fn
-    for _ in range(2):
-        if node is None or isinstance(node, _FastSigmoidSpike._backward_cls):
-            return node
-        inputs = [f for f, _ in node.next_functions if f is not None]
-        if type(node).__name__ != "MulBackward0" or len(inputs) != 1:
+    ``spikes`` came otherwise (another surrogate, a backward hook's wrapper, no autograd).
+    With ``membrane``: None also unless that call's input was ``membrane - threshold``."""
+    node = _through_constant(spikes.grad_fn, "MulBackward0")
+    if not isinstance(node, _FastSigmoidSpike._backward_cls):
+        return None
+    if membrane is not None:
+        source = _through_constant(node.next_functions[0][0], "SubBackward0", follow=False)
+        if membrane.grad_fn is None or source is not membrane.grad_fn:
             return None
-        node = inputs[0]
-    return None
+    return node
+
+
+def _through_constant(node, kind: str, follow: bool = True):
+    """``node``'s only input node when ``node`` is of ``kind`` (an operation with one
+    differentiable input), else ``node`` itself (``follow``) or None."""
+    if node is not None and type(node).__name__ == kind:
+        inputs = [f for f, _ in node.next_functions if f is not None]
+        return inputs[0] if len(inputs) == 1 else None
+    return node if follow else None
 
 
 def add_to_input_grad(node, index: torch.Tensor, grad: torch.Tensor) -> None:

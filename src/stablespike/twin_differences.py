@@ -45,7 +45,8 @@ def leaky_supports_differences(lif: nn.Module) -> bool:
 
 def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
                      delta: torch.Tensor, delta_current, twins: TwinLayout,
-                     spikes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     spikes: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the twins of an snnTorch ``Leaky`` layer, as differences.
 
     ``mem_prev``, ``mem``: the nominal membrane before and after the step ``(B, ...)``;
@@ -54,10 +55,10 @@ def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
     node: no zero tensor where no spike flipped upstream, one node less) or None (the same
     input); ``spikes``: the nominal spikes of the step, ``lif``'s output (optional, see below).
     Returns the membrane difference after the step and the spike difference, ``(K, ...)`` each,
-    and the twin rows whose spikes differ from their partner's, ``(k,)`` (what
-    :class:`LinearDifference` takes as ``rows`` downstream; found while the spikes are computed,
-    rather than read back from memory, which here cost more than computing them). One autograd node: on a CPU the per-operation overhead of ~15 small nodes cost more than
-    their arithmetic.
+    and the twin rows whose spikes differ from their partner's, ``(k,)``: what
+    :class:`LinearDifference` takes as ``rows`` downstream, found while the spikes are computed
+    (reading them back from memory cost ~150 us per VGG block step). One autograd node: on a CPU
+    the per-operation overhead of ~15 small nodes cost more than their arithmetic.
 
     The partners' membranes get a gradient on ``K`` of ``B`` rows. Given ``spikes`` made by a
     :class:`~stablespike.surrogate.FastSigmoid`, it is added in place to the rows of the
@@ -66,7 +67,7 @@ def leaky_difference(lif: nn.Module, mem_prev: torch.Tensor, mem: torch.Tensor,
     """
     node = None
     if spikes is not None and torch.is_grad_enabled() and spikes.requires_grad:
-        node = spike_node(spikes)
+        node = spike_node(spikes, mem)
     constants = twins.memo(("leaky", id(lif), delta.dtype, delta.device),
                            lambda: _LeakyConstants(lif, delta))
     lazy = delta_current if isinstance(delta_current, LinearDifference) else None
@@ -235,7 +236,7 @@ class LinearDifference:
     not run: monitors on the modules see only the nominal rows.
 
     Give it to :func:`leaky_difference` as the current difference (computed in that node), or
-    take :meth:`tensor` (its own node).
+    take :meth:`tensor` (its own node) where something else consumes the difference.
     """
 
     def __init__(self, modules: Sequence[nn.Module], delta: torch.Tensor,
@@ -291,13 +292,6 @@ class LinearDifference:
             x = self.delta.detach() if i == 0 else g.new_empty((g.shape[0],) + self.shapes[i - 1])
             g = linear_map.input_grad(g, x, None if weight is None else weight.detach())
         return g, g_scale, g_weights
-
-
-def linear_difference(modules: Sequence[nn.Module], delta: torch.Tensor,
-                      nominal_outs: Sequence[torch.Tensor], rows: torch.Tensor,
-                      scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``LinearDifference(...).tensor()``: see :class:`LinearDifference`."""
-    return LinearDifference(modules, delta, nominal_outs, rows, scale).tensor()
 
 
 def _linear_maps(modules: Sequence[nn.Module]):
