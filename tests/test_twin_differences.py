@@ -204,8 +204,6 @@ def test_the_kernels_split_large_tensors_across_threads(monkeypatch):
     """Above native._PARALLEL_MIN_VALUES the LIF-difference kernel runs in chunks on several
     threads: the same values and gradients as the PyTorch operations."""
     from stablespike import native
-    from stablespike.models.base import leaky
-    from stablespike.twin_differences import leaky_difference
     if native.kernel(torch.float32, "leaky_difference") is None:
         pytest.skip("no C compiler: the kernel could not be built")
     monkeypatch.setattr(native, "_PARALLEL_MIN_VALUES", 1000)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch

@@ -153,7 +153,7 @@ class SpikingVGG(SeedModel):
         then their ``(K, ...)`` differences; returns the nominal output ``(B, F)`` only."""
         n = self.total_conv_layers
         nominal, deltas = state[:2 * n], state[2 * n:]
-        h, dh, k = x_t, None, 0  # the twins share the image: no first-block difference
+        h, dh, flipped, k = x_t, None, None, 0  # the twins share the image: no first-block difference
         ahead, ahead_outs = (), ()  # a pooling still to apply to ``dh``, and its nominal output
         mems, spikes, dmems, dspikes = [], [], [], []
         for blocks, pool in zip(self.stages, self.pools):
