@@ -1,9 +1,9 @@
-"""The one time loop: outputs, state handling, twin layouts, and errors."""
+"""The one time loop: outputs, state handling, twin rows, and errors."""
 import pytest
 import torch
 
-from stablespike.dynamics import (StateSpec, TwinLayout, full_twins, select_layers, shared_dropout,
-                                  state_spec_of, unroll)
+from stablespike.dynamics import StateSpec, select_layers, state_spec_of, unroll
+from stablespike.twins import TwinRows, choose_rows
 
 
 class Accumulator:
@@ -25,36 +25,23 @@ def test_unroll_is_a_time_loop():
     assert len(run.states) == 7 and torch.allclose(run.states[2][0], x[:3].sum(0))
 
 
-def test_twin_rows_follow_their_partner_rows():
-    x = torch.randn(5, 4, 3)
-    twins = TwinLayout(4, torch.tensor([1, 3]))
-    offset = torch.zeros(6, 3)
-    offset[4:] = 1.0  # twins start one unit above their partners
-    seen = []
-    unroll(Accumulator(), x, (offset,), twins=twins, on_step=lambda t, out, s: seen.append(out))
-    for out in seen:  # the input reaches twin rows as their partner's input
-        assert torch.allclose(twins.twin(out) - twins.partner(out), torch.ones(2, 3))
-
-
-def test_twin_layout_views():
+def test_twin_rows_views():
     h = torch.arange(6.0).view(6, 1)
-    tw = TwinLayout(4, torch.tensor([0, 2]))
-    assert tw.twins == 2
-    assert tw.nominal(h).flatten().tolist() == [0, 1, 2, 3]
-    assert tw.twin(h).flatten().tolist() == [4, 5]
-    assert tw.partner(h).flatten().tolist() == [0, 2]
-    assert tw.expand(h[:4]).flatten().tolist() == [0, 1, 2, 3, 0, 2]
-    assert full_twins(3).partner(torch.arange(6.0)).tolist() == [0, 1, 2]
+    rows = TwinRows(4, torch.tensor([0, 2]))
+    assert (rows.twins, rows.total) == (2, 6)
+    assert rows.partner(h).flatten().tolist() == [0, 2]
+    assert rows.difference(h).flatten().tolist() == [4, 3]
+    assert rows.with_difference(h, torch.ones(2, 1)).flatten().tolist() == [0, 1, 2, 3, 1, 3]
+    assert rows.extend(h[:4]).flatten().tolist() == [0, 1, 2, 3, 0, 2]
+    x = torch.arange(8.0).view(2, 4)  # time-first: samples along dimension 1
+    assert rows.extend(x, dim=1).tolist() == [[0, 1, 2, 3, 0, 2], [4, 5, 6, 7, 4, 6]]
+    assert TwinRows(3, torch.arange(3)).partner(torch.arange(6.0)).tolist() == [0, 1, 2]
 
 
-def test_shared_dropout_reuses_the_nominal_mask():
-    torch.manual_seed(0)
-    tw = TwinLayout(3, torch.tensor([0, 1, 2]))
-    h = tw.expand(torch.ones(3, 50))
-    out = shared_dropout(h, 0.5, True, tw)
-    assert torch.equal(tw.twin(out), tw.partner(out))
-    assert 0 < (out == 0).float().mean() < 1
-    assert torch.equal(shared_dropout(h, 0.5, False, tw), h)
+def test_sub_batch_rows_are_a_sorted_random_subset():
+    rows = choose_rows(16, 0.25, "cpu", torch.Generator().manual_seed(0))
+    assert rows.twins == 4 and rows.index.tolist() == sorted(set(rows.index.tolist()))
+    assert choose_rows(5, 1.0, "cpu", None).index.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_state_spec_default_and_layer_selection():
@@ -72,7 +59,5 @@ def test_unroll_rejects_bad_input_and_state():
         unroll(Accumulator(), torch.zeros(3))
     with pytest.raises(ValueError, match="state"):
         unroll(Accumulator(), torch.zeros(2, 4, 3), (torch.zeros(5, 3),))
-    with pytest.raises(ValueError, match="twins"):
-        unroll(Accumulator(), torch.zeros(2, 4, 3), twins=full_twins(3))
     with pytest.raises(TypeError, match="torch.Tensor"):
         unroll(Accumulator(), [[1.0]])

@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 
-from stablespike import RecurrentSpikingMLP, SpikingMLP, finite_difference_lyapunov
-from stablespike.dynamics import TwinLayout, unroll
+from stablespike import RecurrentSpikingMLP, SpikingMLP, SpikingVGG, finite_difference_lyapunov
+from stablespike.sharing import shared_across_twins
+from stablespike.twins import TwinRows
 
 from steppers import LinearMap, LogisticMap, PerSampleScale, rotation
 
@@ -14,6 +15,12 @@ from steppers import LinearMap, LogisticMap, PerSampleScale, rotation
 def seq(T, B, D=1, scale=1.0, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.rand(T, B, D, generator=g)).to(dtype)
+
+
+def fd(model, x_tf, **kwargs):
+    """The estimate of one of the library's sequence models on a time-first ``x_tf``, called the
+    way a user calls it on a model of theirs: its own forward, samples along dimension 0."""
+    return finite_difference_lyapunov(model, x_tf.transpose(0, 1), batch_dim=0, **kwargs)
 
 
 @pytest.mark.parametrize("beta", [0.9, 0.5])
@@ -24,7 +31,7 @@ def test_lif_below_threshold_gives_ln_beta_for_any_weights(beta, weight_scale):
     with torch.no_grad():
         for lin in model.linears:
             lin.weight.mul_(weight_scale)
-    res = finite_difference_lyapunov(model, seq(30, 6, 12, scale=2.0), eps=1e-2)
+    res = fd(model, seq(30, 6, 12, scale=2.0), eps=1e-2)
     assert abs(float(res) - math.log(beta)) < 0.01
     assert torch.allclose(res.per_sample, torch.full((6,), math.log(beta)), atol=0.01)
     assert res.flip_fraction == 0.0
@@ -34,8 +41,7 @@ def test_recurrent_synaptic_below_threshold_gives_ln_of_largest_decay():
     # syn' = a syn + I, mem' = b mem + syn': Jacobian [[a, 0], [a, b]], exponents ln a, ln b.
     torch.manual_seed(2)
     model = RecurrentSpikingMLP(5, [20], 2, alpha=0.9, beta=0.6, threshold=1e9)
-    res = finite_difference_lyapunov(model, seq(300, 4, 5), eps=1e-2, discard=50,
-                                     twin_dtype=torch.float64)
+    res = fd(model, seq(300, 4, 5), eps=1e-2, discard=50, twin_dtype=torch.float64)
     assert abs(float(res) - math.log(0.9)) < 0.01
 
 
@@ -87,65 +93,83 @@ def _whole_batch_benettin(stepper, x, eps):
     return total / x.shape[0]
 
 
-def test_shared_first_layer_matches_twins_run_separately():
+@pytest.mark.parametrize("make, x", [
+    (lambda: SpikingMLP(10, [32, 32, 16], 4, threshold=0.5), seq(20, 5, 10, scale=1.5)),
+    (lambda: RecurrentSpikingMLP(10, [24, 16], 3, threshold=0.5), seq(20, 5, 10, scale=1.5)),
+    (lambda: SpikingVGG(1, 3, base_channels=4, num_stages=2, blocks_per_stage=1, T=6, input_size=6,
+                        dropout=0.0, threshold=0.5), torch.rand(6, 5, 1, 6, 6)),
+])
+def test_the_library_models_equal_a_hand_written_seed_style_twin_loop(make, x):
+    """Seed 001's loop (nominal and twin stepped separately) with per-sample renormalization,
+    from the same perturbation: the engine, which runs the model's own forward with twin rows,
+    gives the same per-sample exponents and outputs."""
     torch.manual_seed(3)
-    model = SpikingMLP(10, [32, 32, 16], 4, threshold=0.5)
-    x = seq(20, 5, 10, scale=1.5, dtype=torch.float64)
-    model.double()
+    model = make().double().eval()
+    x = x.double()
+    eps, T, B = 1e-3, x.shape[0], x.shape[1]
     g = torch.Generator().manual_seed(7)
-    res = finite_difference_lyapunov(model, x, eps=1e-3, generator=g)
-    # Reference: nominal and twin as two separate runs, renormalized by hand (global, per sample).
-    g = torch.Generator().manual_seed(7)
-    B = x.shape[1]
+    forward = (lambda m, inp: m(inp)[0]) if x.dim() == 5 else (lambda m, inp: m(inp, time_first=True)[0])
+    res = finite_difference_lyapunov(model, x, forward=forward, eps=eps, generator=g, output_batch_dim=0)
+    # Reference: step 0 on both, perturb the continuous state (neuron order), then steps 1..T-1.
+    spec = model.state_spec()
+    cont = [i for i, s in enumerate(spec) if s.kind != "spike"]
     nominal = model.init_state(B, x.device, x.dtype)
-    directions = [torch.randn(B, h, generator=g, dtype=x.dtype) for h in model.hidden_dims]
-    norm = torch.sqrt(sum(d.pow(2).sum(1) for d in directions)).unsqueeze(1)
-    L = model.num_layers
-    twin = tuple(nominal[i] + 1e-3 * directions[i] / norm for i in range(L)) + nominal[L:]
-    total = torch.zeros(B, dtype=x.dtype)
-    outs = []
-    for t in range(x.shape[0]):
+    out, nominal = model.step(x[0], nominal)
+    g = torch.Generator().manual_seed(7)
+    directions = [torch.randn(nominal[i].shape, generator=g, dtype=x.dtype) for i in cont]
+    norm = torch.sqrt(sum(d.pow(2).flatten(1).sum(1) for d in directions))
+    twin = list(nominal)
+    for i, d in zip(cont, directions):
+        twin[i] = nominal[i] + eps * d / norm.view(-1, *[1] * (d.dim() - 1))
+    total, outs = torch.zeros(B, dtype=x.dtype), [out]
+    for t in range(1, T):
         out, nominal = model.step(x[t], nominal)
-        _, twin = model.step(x[t], twin)
-        diffs = [twin[i] - nominal[i] for i in range(L)]
-        delta = torch.sqrt(sum(d.pow(2).sum(1) for d in diffs))
-        total += torch.log(delta / 1e-3)
-        twin = tuple(nominal[i] + diffs[i] * (1e-3 / delta).unsqueeze(1) for i in range(L)) + twin[L:]
+        _, twin = model.step(x[t], tuple(twin))
+        diffs = [twin[i] - nominal[i] for i in cont]
+        delta = torch.sqrt(sum(d.pow(2).flatten(1).sum(1) for d in diffs))
+        total += torch.log(delta / eps)
+        twin = list(twin)
+        for i, d in zip(cont, diffs):
+            twin[i] = nominal[i] + d * (eps / delta).view(-1, *[1] * (d.dim() - 1))
         outs.append(out)
-    assert torch.allclose(res.per_sample, total / x.shape[0], atol=1e-9)
-    assert torch.equal(res.outputs, torch.stack(outs))
+    assert torch.allclose(res.per_sample, total / (T - 1), atol=1e-8, rtol=0)
+    assert torch.allclose(res.outputs, model._logits(torch.stack(outs)), atol=1e-10)
+    assert res.steps == T - 1
 
 
-def test_stepper_without_twin_support_gets_the_same_numbers():
-    torch.manual_seed(4)
-    model = SpikingMLP(6, [24, 24], 2, threshold=0.6).double()
-
-    class Plain:  # hides supports_twins: the loop repeats the input for the twin rows instead
-        init_state, step, state_spec = model.init_state, model.step, model.state_spec
-
-    x = seq(15, 4, 6, scale=2.0, dtype=torch.float64)
-    a = finite_difference_lyapunov(model, x, eps=1e-3, generator=torch.Generator().manual_seed(0))
-    b = finite_difference_lyapunov(Plain(), x, eps=1e-3, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(a.per_sample, b.per_sample, atol=1e-12)
+def test_twins_share_dropout_masks_and_batch_norm_statistics():
+    """Without a perturbation, twin rows stay equal to their samples' rows through dropout (in
+    training) and batch norm (batch statistics of the samples only)."""
+    torch.manual_seed(8)
+    rows = TwinRows(4, torch.tensor([0, 2, 3]))
+    for model, x in [(SpikingMLP(6, [32, 32], 2, threshold=0.4, dropout=0.3), seq(12, 4, 6, scale=2.0)),
+                     (SpikingVGG(1, 2, base_channels=4, num_stages=2, blocks_per_stage=1, T=3,
+                                 input_size=6, threshold=0.4), torch.rand(3, 4, 1, 6, 6))]:
+        model.train()
+        with shared_across_twins(model, rows):
+            out = model.step(rows.extend(x[0]), model.init_state(rows.total, None, torch.float32))[0]
+        assert torch.equal(out[4:], out[[0, 2, 3]])
+        assert 0 < float(out.detach().mean()) < 1  # it did spike, and dropped some spikes or rows
 
 
 def test_estimate_is_differentiable_and_counts_spike_flips():
     torch.manual_seed(5)
     model = SpikingMLP(8, [64, 64], 3, threshold=0.3)
-    res = finite_difference_lyapunov(model, seq(25, 8, 8, scale=2.0), eps=0.5)
+    res = fd(model, seq(25, 8, 8, scale=2.0), eps=0.5)
     assert 0.0 < res.flip_fraction <= 1.0
     res.exponent.backward()
-    grad = model.linears[1].weight.grad
+    grad = model.linears[0].weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_fraction_estimates_a_seeded_sub_batch():
     model = SpikingMLP(4, [16], 2, threshold=1e9)
     x = seq(10, 16, 4)
-    a = finite_difference_lyapunov(model, x, fraction=0.25, generator=torch.Generator().manual_seed(3))
-    b = finite_difference_lyapunov(model, x, fraction=0.25, generator=torch.Generator().manual_seed(3))
+    a = fd(model, x, fraction=0.25, generator=torch.Generator().manual_seed(3))
+    b = fd(model, x, fraction=0.25, generator=torch.Generator().manual_seed(3))
     assert a.per_sample.shape == (4,) and torch.equal(a.sample_index, b.sample_index)
-    assert a.outputs.shape[1] == 16  # the nominal trajectory still covers the whole batch
+    assert a.outputs[0].shape[0] == 16  # the nominal trajectory still covers the whole batch
+    assert torch.allclose(a.outputs[0], model(x.transpose(0, 1))[0])
     assert abs(float(a) - math.log(0.9)) < 0.01
 
 
@@ -154,9 +178,9 @@ def test_lyap_layers_selects_what_is_perturbed_and_measured():
     model = SpikingMLP(4, [16, 16], 2, beta=0.9, threshold=1e9)
     model.lifs[1].beta.fill_(0.5)
     x = seq(20, 3, 4)
-    assert abs(float(finite_difference_lyapunov(model, x, layers=[-1], eps=1e-2)) - math.log(0.5)) < 0.01
-    assert abs(float(finite_difference_lyapunov(model, x, layers=[0], eps=1e-2)) - math.log(0.9)) < 0.01
-    per_layer = finite_difference_lyapunov(model, x, renorm="per_layer", eps=1e-2)
+    assert abs(float(fd(model, x, layers=[-1], eps=1e-2)) - math.log(0.5)) < 0.01
+    assert abs(float(fd(model, x, layers=[0], eps=1e-2)) - math.log(0.9)) < 0.01
+    per_layer = fd(model, x, renorm="per_layer", eps=1e-2)
     # each layer renormalized to eps/sqrt(2): the growth is the mean of the two layers' squares
     assert abs(float(per_layer) - 0.5 * math.log((0.81 + 0.25) / 2)) < 0.01
 
@@ -165,52 +189,33 @@ def test_float32_resolution_warning_and_float64_twin():
     model = SpikingMLP(4, [500], 2, threshold=1e9)
     x = seq(10, 2, 4)
     with pytest.warns(RuntimeWarning, match="float64"):
-        finite_difference_lyapunov(model, x, eps=1e-6)
+        fd(model, x, eps=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        res = finite_difference_lyapunov(model, x, eps=1e-8, twin_dtype=torch.float64)
+        res = fd(model, x, eps=1e-8, twin_dtype=torch.float64)
     assert abs(float(res) - math.log(0.9)) < 1e-6
-    assert res.exponent.dtype == torch.float32 and res.outputs.dtype == torch.float32
-
-
-def test_twin_with_zero_perturbation_never_diverges():
-    torch.manual_seed(8)
-    model = SpikingMLP(6, [32, 32], 2, threshold=0.4, dropout=0.3).train()
-    x = seq(12, 4, 6, scale=2.0)
-    twins = TwinLayout(4, torch.arange(4))
-    state = model.init_state(8, None, torch.float32)
-    seen = []
-
-    def compare(t, out, st):
-        seen.append(out.float().mean().item())
-        for s in st:
-            assert torch.equal(twins.twin(s), twins.partner(s))
-        assert torch.equal(twins.twin(out), twins.partner(out))  # dropout masks shared
-
-    unroll(model, x, state, twins=twins, on_step=compare)
-    assert len(seen) == 12 and max(seen) > 0  # the net did spike
+    assert res.exponent.dtype == torch.float32 and res.outputs[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"eps": 0.0}, "eps"), ({"eps": -1e-3}, "eps"), ({"fraction": 0.0}, "fraction"),
-    ({"fraction": 1.5}, "fraction"), ({"renorm": "batch"}, "renorm"), ({"layers": [5]}, "lyap_layers"),
+    ({"fraction": 1.5}, "fraction"), ({"renorm": "batch"}, "renorm"), ({"layers": [5]}, "layers"),
     ({"discard": 99}, "discard"), ({"renorm_every": 0}, "renorm_every"),
     ({"renorm_every": 5, "discard": 1}, "discard"),
 ])
 def test_bad_arguments_name_themselves(kwargs, match):
     model = SpikingMLP(4, [8, 8], 2)
     with pytest.raises(ValueError, match=match):
-        finite_difference_lyapunov(model, seq(5, 2, 4), **kwargs)
+        fd(model, seq(5, 2, 4), **kwargs)
 
 
 @pytest.mark.parametrize("x, match", [
-    (torch.zeros(5, 0, 4), "empty"),
-    (torch.full((5, 2, 4), float("nan")), "NaN"),
-    (torch.zeros(5), "2-D"),
+    (torch.zeros(0, 5, 4), "empty"),
+    (torch.full((2, 5, 4), float("nan")), "NaN"),
 ])
 def test_bad_input_is_rejected(x, match):
     with pytest.raises(ValueError, match=match):
-        finite_difference_lyapunov(SpikingMLP(4, [8], 2), x)
+        finite_difference_lyapunov(SpikingMLP(4, [8], 2), x, batch_dim=0)
 
 
 def test_renorm_every_is_exact_for_linear_dynamics():

@@ -109,21 +109,6 @@ def test_vgg_twins_share_batch_norm_statistics():
     assert torch.allclose(la, lb, atol=1e-5)  # the twins leave the nominal trajectory alone
 
 
-def test_twin_rows_of_vgg_are_exact_copies_without_perturbation():
-    torch.manual_seed(4)
-    model = SpikingVGG(1, 4, base_channels=4, num_stages=2, blocks_per_stage=2, T=3, input_size=8).train()
-    x = torch.rand(3, 2, 1, 8, 8) * 3
-    from stablespike.dynamics import full_twins
-
-    twins = full_twins(2)
-
-    def check(t, out, state):
-        for s in state:
-            assert torch.allclose(twins.twin(s), twins.partner(s), atol=1e-6)
-
-    unroll(model, x, model.init_state(4, None, torch.float32), twins=twins, on_step=check)
-
-
 def test_models_do_not_grow_snntorch_instance_list():
     before = len(snn.SpikingNeuron.instances)
     for _ in range(3):

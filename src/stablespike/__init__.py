@@ -3,7 +3,7 @@
 Public API, re-exported here; the seed documents' names (``LyapunovSNN``, ``RecurrentLyapunovSNN``,
 ``create_snn``, ``SpikingVGG``, ``compute_lyap_reg_loss``) keep their meaning.
 """
-from .dynamics import StateSpec, Stepper, TwinLayout, Unrolled, unroll
+from .dynamics import StateSpec, Stepper, Unrolled, unroll
 from .lyapunov import (
     PENALTY_KINDS,
     FiniteDifferenceResult,
@@ -42,7 +42,7 @@ from .init import CalibrationReport, calibrate, fluctuation_init
 __version__ = "0.1.0"
 
 __all__ = [
-    "StateSpec", "Stepper", "TwinLayout", "Unrolled", "unroll",
+    "StateSpec", "Stepper", "Unrolled", "unroll",
     "PENALTY_KINDS", "FiniteDifferenceResult", "LyapunovRegularizer", "compute_lyap_reg_loss",
     "finite_difference_lyapunov", "TangentResult", "tangent_spectrum",
     "DepthGainResult", "depthwise_gain", "DynamicsReport", "analyze_dynamics",

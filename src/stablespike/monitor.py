@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .dynamics import _ACTIVE_TWINS, nominal_rows
+from .context import active_rows, nominal_rows
 from .neurons import InstanceSpec, Layer, NeuronRegistry, find_layers
 
 
@@ -218,14 +218,12 @@ class _GradMonitor(BaseMonitor):
     def _watch(self, layer: Layer, tensor) -> None:
         if not (isinstance(tensor, torch.Tensor) and tensor.requires_grad):
             return
-        twins, ref = _ACTIVE_TWINS.get(), weakref.ref(self)
+        rows, ref = active_rows(), weakref.ref(self)
 
         def on_grad(grad):
             monitor = ref()
             if monitor is not None and monitor._enable:
-                if twins is not None and grad.shape[0] == twins.batch + twins.twins:
-                    grad = grad[: twins.batch]
-                monitor._on_grad(layer.name, grad)
+                monitor._on_grad(layer.name, nominal_rows(grad, rows))
         tensor.register_hook(on_grad)
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:

@@ -39,7 +39,11 @@ class NeuronAdapter:
     ``spikes(module, output) -> Tensor``; ``membrane(module, output) -> Tensor | None``;
     ``multistep(module, output) -> bool`` (True when tensors are ``(T, B, ...)``);
     ``threshold(module) -> Tensor | float | None`` and ``set_threshold(module, value)``;
-    ``decay(module) -> float | None`` (membrane kept per step, in [0, 1]).
+    ``decay(module) -> float | None`` (membrane kept per step, in [0, 1]);
+    ``state(module, output) -> {name: Tensor}``: the continuous state after a call (membrane,
+    synaptic currents; never spikes), which the Lyapunov twins perturb and renormalize;
+    ``single_step(module, x_t) -> output``: for multi-step types, one step on ``x_t (B, ...)``
+    with the state kept in the module (the twin engine renormalizes between steps).
     """
 
     framework: str
@@ -50,6 +54,19 @@ class NeuronAdapter:
     threshold: Callable[[nn.Module], Any] = lambda m: None
     set_threshold: Optional[Callable[[nn.Module, Any], None]] = None
     decay: Callable[[nn.Module], Optional[float]] = lambda m: None
+    state: Optional[Callable[[nn.Module, Any], Dict[str, torch.Tensor]]] = None
+    single_step: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None
+
+    def continuous_state(self, module: nn.Module, output) -> Dict[str, torch.Tensor]:
+        """The continuous state after a call; by default the membrane, named ``membrane``."""
+        if self.state is not None:
+            return self.state(module, output)
+        v = self.membrane(module, output)
+        return {"membrane": v} if isinstance(v, torch.Tensor) else {}
+
+
+def _tensors(pairs) -> Dict[str, torch.Tensor]:
+    return {n: v for n, v in pairs if isinstance(v, torch.Tensor) and v.numel() > 0}
 
 
 def _first(output):
@@ -70,8 +87,12 @@ def _snntorch_adapter() -> Optional[NeuronAdapter]:
         beta = getattr(module, "beta", None)  # Leaky, Synaptic, RLeaky, RSynaptic, Alpha
         return None if beta is None else float(torch.as_tensor(beta, dtype=torch.float64).clamp(0, 1).mean())
 
+    def state(module, output):  # snnTorch keeps every hidden state as an attribute of the neuron
+        return _tensors((n, getattr(module, n, None)) for n in ("syn", "syn_exc", "syn_inh", "mem"))
+
     return NeuronAdapter("snntorch", (snn.SpikingNeuron,), lambda m, out: _first(out), membrane,
-                         lambda m, out: False, lambda m: m.threshold, _set_attribute("threshold"), decay)
+                         lambda m, out: False, lambda m: m.threshold, _set_attribute("threshold"), decay,
+                         state)
 
 
 def _set_attribute(name: str) -> Callable[[nn.Module, Any], None]:
@@ -109,8 +130,12 @@ def _spikingjelly_adapter() -> Optional[NeuronAdapter]:
             return 1.0 - float(torch.sigmoid(module.w.detach()))
         return 1.0 if isinstance(module, neuron.IFNode) else None  # IF: no leak
 
+    def state(module, output):
+        return _tensors([("v", getattr(module, "v", None))])
+
     return NeuronAdapter("spikingjelly", (neuron.BaseNode,), lambda m, out: out, membrane, multistep,
-                         lambda m: m.v_threshold, _set_attribute("v_threshold"), decay)
+                         lambda m: m.v_threshold, _set_attribute("v_threshold"), decay, state,
+                         lambda m, x_t: m.single_step_forward(x_t))
 
 
 def _norse_adapter() -> Optional[NeuronAdapter]:
@@ -134,8 +159,13 @@ def _norse_adapter() -> Optional[NeuronAdapter]:
         rate = getattr(getattr(module, "p", None), "tau_mem_inv", None)
         return None if rate is None else 1.0 - float(getattr(module, "dt", 0.001)) * float(torch.as_tensor(rate).mean())
 
+    def state(module, output):  # the state named tuple of the output, spikes (z) left out
+        st = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+        fields = getattr(st, "_fields", ())
+        return _tensors((f, getattr(st, f)) for f in fields if f != "z")
+
     return NeuronAdapter("norse", cells + seqs, lambda m, out: _first(out), membrane,
-                         lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay)
+                         lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay, state)
 
 
 def _optional(module_name: str):

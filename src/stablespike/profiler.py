@@ -29,7 +29,7 @@ from torch import nn
 
 from .distributed import merge_across_ranks, should_sync
 from ._checks import user_stacklevel
-from .dynamics import nominal_rows
+from .context import nominal_rows
 from .monitor import BaseMonitor, _GradMonitor, _identity
 from .neurons import InstanceSpec, Layer, NeuronRegistry
 from .rules import Pathology, Severity, Thresholds, activity_rules, gradient_explosion, gradient_vanishing

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .distributed import merge_across_ranks, should_sync
-from .dynamics import nominal_rows
+from .context import nominal_rows
 from .monitor import BaseMonitor, _GradMonitor, _identity
 from .neurons import InstanceSpec, Layer, NeuronRegistry
 from .stats import FiringRate, GradNorm, MembraneStats

@@ -7,8 +7,6 @@ mode) and tangent dynamics (forward mode) see the same Jacobian.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -40,54 +38,12 @@ class _FastSigmoidSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (u,) = ctx.saved_tensors
-        grad = grad_out / _denominator(u, ctx.slope)
-        pending = getattr(ctx, "extra_input_grads", None)
-        if pending:  # see add_to_input_grad; ``grad`` is a new tensor: adding in place is safe
-            ctx.extra_input_grads = []
-            for index, extra in pending:
-                grad.index_add_(0, index, extra.to(grad.dtype))
-        return grad, None
+        return grad_out / _denominator(u, ctx.slope), None
 
     @staticmethod
     def jvp(ctx, u_tangent: torch.Tensor, _slope_tangent):
         (u,) = ctx.saved_tensors
         return u_tangent / _denominator(u, ctx.slope)
-
-
-def spike_node(spikes: torch.Tensor, membrane: Optional[torch.Tensor] = None):
-    """The autograd node of the :class:`FastSigmoid` call that produced ``spikes``, directly or
-    through a multiplication by a constant (snnTorch's ``graded_spikes_factor``); None if
-    ``spikes`` came otherwise (another surrogate, a backward hook's wrapper, no autograd).
-    With ``membrane``: None also unless that call's input was ``membrane - threshold``."""
-    node = _through_constant(spikes.grad_fn, "MulBackward0")
-    if not isinstance(node, _FastSigmoidSpike._backward_cls):
-        return None
-    if membrane is not None:
-        source = _through_constant(node.next_functions[0][0], "SubBackward0", follow=False)
-        if membrane.grad_fn is None or source is not membrane.grad_fn:
-            return None
-    return node
-
-
-def _through_constant(node, kind: str, follow: bool = True):
-    """``node``'s only input node when ``node`` is of ``kind`` (an operation with one
-    differentiable input), else ``node`` itself (``follow``) or None."""
-    if node is not None and type(node).__name__ == kind:
-        inputs = [f for f, _ in node.next_functions if f is not None]
-        return inputs[0] if len(inputs) == 1 else None
-    return node if follow else None
-
-
-def add_to_input_grad(node, index: torch.Tensor, grad: torch.Tensor) -> None:
-    """Have the backward of ``node`` (from :func:`spike_node`, not run yet in this backward
-    pass) add ``grad (K, ...)`` to rows ``index (K,)`` of the gradient it returns for its input.
-
-    This hands a gradient for some rows of a large tensor over without a zero-filled tensor of
-    its full size and an extra accumulation pass (the Lyapunov twins' partner rows). The caller
-    must be a backward that runs before ``node``'s: one of a node that takes the spikes (or a
-    tensor computed from them) as an input, which autograd orders before the node.
-    """
-    node.extra_input_grads = list(getattr(node, "extra_input_grads", None) or ()) + [(index, grad)]
 
 
 class FastSigmoid:

@@ -1,11 +1,15 @@
-"""Finite-difference (Benettin two-trajectory) Lyapunov estimate for any stepper.
+"""Finite-difference (Benettin two-trajectory) Lyapunov estimate for any model.
 
 What it measures: the average per-step log-growth of a perturbation of *finite* size ``eps``
 applied to the continuous state (membranes, synaptic currents) of the chosen layers, renormalized
 back to size ``eps`` after every step. For smooth maps and small ``eps`` this converges to the
 largest Lyapunov exponent. For spiking networks it is a *finite-size* exponent: spikes that flip
-between the twins make it depend on ``eps`` (REFERENCES.md: +0.58 at eps=1e-1, -0.10 at eps=1e-4
-on the same recurrent LIF net), so the result also reports how often spikes flipped.
+between the twins make it depend on ``eps`` (+0.58 at eps=1e-1, -0.10 at eps=1e-4 on the same
+recurrent LIF net), so the result also reports how often spikes flipped.
+
+Two drivers share one core (:mod:`stablespike.twins`): a module with spiking neurons runs
+through its own forward with twin rows in its batch (:mod:`stablespike.neuron_twins`); a
+stepper (``init_state`` / ``step``) is unrolled (:mod:`stablespike.dynamics`).
 
 Differences from the seeds, on purpose:
 
@@ -14,23 +18,25 @@ Differences from the seeds, on purpose:
 * divergence is measured on exactly the tensors that are perturbed, never on spikes;
 * renormalization is per sample (never across the batch), and log-growth is averaged over time per
   sample, then over samples (E[log], not log E);
-* the twins share dropout masks and batch-norm statistics (steppers with ``supports_twins``).
+* the twins share dropout masks and batch-norm statistics with their samples.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
+from torch import nn
 
-from .._checks import check_fraction, check_positive, check_tensor, user_stacklevel
-from ..dynamics import State, TwinLayout, initial_state, select_layers, state_spec_of, unroll
-from .precision import maybe_cast
-from .renorm import Renormalizer
+from .._checks import check_fraction, check_positive, check_tensor, describe, user_stacklevel
+from ..dynamics import is_stepper, run_twins, select_layers, state_spec_of
+from ..neuron_twins import ModuleTwins
+from ..neurons import DEFAULT_REGISTRY, find_layers
+from ..twins import RENORM_MODES, TwinEstimate, choose_rows
+from .precision import cast_forward, maybe_cast
 
-RENORM_MODES = ("global", "per_layer")
 
 # Smallest per-element perturbation, in units of the dtype's machine epsilon (at state scale ~1),
 # below which the twin difference keeps fewer than ~6 significant bits.
@@ -44,9 +50,12 @@ class FiniteDifferenceResult:
     ``exponent``: scalar tensor, mean of ``per_sample``; differentiable (a loss term).
     ``per_sample``: ``(K,)`` time-averaged log-growth per estimated sample, in nats per step.
     ``sample_index``: ``(K,)`` the batch rows that were estimated (all rows unless ``fraction < 1``).
-    ``flip_fraction``: fraction of (time step, sample) pairs in which any spike differed between
-    twins (NaN for a stepper whose ``state_spec`` declares no spike state).
-    ``outputs``: ``(T, B, ...)`` outputs of the nominal trajectory (the model's ordinary forward).
+    ``flip_fraction``: fraction of (step, sample) pairs in which any spike differed between
+    twins (NaN when no spikes were seen: a stepper whose ``state_spec`` declares none).
+    ``outputs``: what the model returns for the samples alone — for a module, ``forward(model, x)``
+    restricted to the nominal rows (a tensor or a tuple); for a stepper, ``(T, B, ...)``.
+    ``renorm``: the renormalization used (``per_layer`` for multi-step neurons, see
+    :mod:`stablespike.neuron_twins`); ``steps``: the measured steps.
     """
 
     exponent: torch.Tensor
@@ -56,9 +65,9 @@ class FiniteDifferenceResult:
     eps: float
     renorm: str
     steps: int
-    outputs: torch.Tensor
-    state: State = field(repr=False)
-    states: Optional[List[State]] = field(default=None, repr=False)
+    outputs: Any
+    state: Optional[tuple] = field(default=None, repr=False)
+    states: Optional[List[tuple]] = field(default=None, repr=False)
 
     def __float__(self) -> float:
         return float(self.exponent.detach())
@@ -75,16 +84,19 @@ class FiniteDifferenceResult:
 
 
 def finite_difference_lyapunov(
-    stepper,
+    model,
     x: torch.Tensor,
     *,
+    forward: Optional[Callable] = None,
+    batch_dim: int = 1,
+    output_batch_dim: Optional[int] = None,
     eps: float = 1e-4,
     layers: Optional[Sequence[int]] = None,
     renorm: str = "global",
     fraction: float = 1.0,
     twin_dtype: Optional[torch.dtype] = None,
-    discard: int = 0,
     renorm_every: int = 1,
+    discard: int = 0,
     count_flips: bool = True,
     generator: Optional[torch.Generator] = None,
     record_states: bool = False,
@@ -92,76 +104,170 @@ def finite_difference_lyapunov(
     """Benettin two-trajectory estimate of the largest (finite-size) Lyapunov exponent.
 
     Args:
-        stepper: any stepper (:mod:`stablespike.dynamics`).
-        x: ``(T, B, ...)`` time-first input sequence.
+        model: an ``nn.Module`` containing spiking neurons (snnTorch, spikingjelly, norse or
+            registered types; run through ``forward``), or a stepper (``init_state`` / ``step``,
+            unrolled over a time-first ``x``). A module that is also a stepper but has no
+            ``forward`` of its own is unrolled.
+        x: the model's input. For a module: whatever ``forward`` takes, with the samples along
+            ``batch_dim``; for a stepper: ``(T, B, ...)``.
+        forward: ``forward(model, x) -> tensor or tuple of tensors``, default ``model(x)``: the
+            user's own call (a time loop, ``functional.reset_net`` first, ...).
+        batch_dim: the dimension of ``x`` that indexes samples: 1 for time-first ``(T, B, ...)``,
+            0 for a static ``(B, ...)`` input that the forward repeats over time.
+        output_batch_dim: the dimension of every output that indexes samples; default: the one
+            dimension whose size is the extended batch, or ``batch_dim`` when several are (an
+            error names this argument when that does not decide).
         eps: perturbation norm per sample, over the concatenated perturbed state.
-        layers: layer indices whose continuous state is perturbed and measured (negative counts
-            from the last); default all (the seeds' ``lyap_layers``).
+        layers: indices of the layers (neurons in module order, or stepper layers) whose
+            continuous state is perturbed and measured (negative counts from the last); default all.
         renorm: ``"global"``: one scale per sample over all chosen layers (textbook Benettin);
-            ``"per_layer"``: each layer's part rescaled to ``eps / sqrt(L)`` (seed 001's variant).
-        fraction: estimate on a random ``ceil(fraction * B)`` rows only; the nominal trajectory
-            still runs on all rows, so a regularized training step costs little more than a plain one.
-        twin_dtype: e.g. ``torch.float64``: run both trajectories in that precision.
-        discard: leading steps left out of the time average (transient); with ``renorm_every > 1``
-            rounded up to the start of a renormalization interval.
-        renorm_every: measure and renormalize every this many steps (and at the last step) instead
-            of every step, as Benettin's interval tau. Identical for linear dynamics; for spiking
-            nets the perturbation may grow up to ``eps * exp(lambda * renorm_every)`` in between,
-            which changes the finite-size exponent a little. Fewer operations per step.
-        count_flips: count spike flips between twins (a diagnostic; off saves a few operations).
+            ``"per_layer"``: each layer's part rescaled to ``eps / sqrt(L)`` (seed 001's variant;
+            always used for multi-step neurons, which run a whole sequence per call).
+        fraction: estimate on a random ``ceil(fraction * B)`` samples only; the others run
+            without twins, so a regularized training step costs little more than a plain one.
+        twin_dtype: e.g. ``torch.float64``: run the model (samples and twins) in that precision;
+            gradients still reach the model's own parameters.
+        renorm_every: measure and renormalize every this many steps (and at the last step),
+            Benettin's interval tau. Identical for linear dynamics; fewer operations per step.
+        discard: leading measured steps left out of the average (transient); with
+            ``renorm_every > 1`` rounded up to the start of a renormalization interval.
+        count_flips: count spike flips between twins (a diagnostic).
         generator: seeds the perturbation direction and the sub-batch choice.
-        record_states: keep the nominal state of every step in ``result.states``.
+        record_states: (steppers) keep the nominal state of every step in ``result.states``.
+
+    Steps: a stepper's initial state is perturbed, and all ``T`` steps are measured. In a module
+    the state before the first step is the framework's own, so the state after the first step is
+    perturbed and the ``T - 1`` steps after it are measured.
     """
-    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
     eps = check_positive(eps, "eps")
     fraction = check_fraction(fraction, "fraction")
     if renorm not in RENORM_MODES:
         raise ValueError(f"renorm: expected one of {RENORM_MODES}, got {renorm!r}")
-    T, B = x.shape[0], x.shape[1]
-    if not 0 <= int(discard) < T:
-        raise ValueError(f"discard: expected an integer in [0, {T - 1}] (T={T}), got {discard!r}")
     if int(renorm_every) != renorm_every or renorm_every < 1:
         raise ValueError(f"renorm_every: expected an integer >= 1, got {renorm_every!r}")
-    if -(-int(discard) // int(renorm_every)) * int(renorm_every) >= T:
-        raise ValueError(
-            f"discard: {discard} leaves no whole renormalization interval of {renorm_every} steps "
-            f"in T={T} steps")
-    rows = _choose_rows(B, fraction, x.device, generator)
+    if int(discard) != discard or discard < 0:
+        raise ValueError(f"discard: expected an integer >= 0, got {discard!r}")
+    if _uses_neurons(model, forward):
+        return _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm, fraction,
+                                twin_dtype, int(renorm_every), int(discard), count_flips, generator)
+    if is_stepper(model):
+        return _stepper_estimate(model, x, eps, layers, renorm, fraction, twin_dtype,
+                                 int(renorm_every), int(discard), count_flips, generator, record_states)
+    raise ValueError(
+        f"model: expected an nn.Module containing spiking neurons or a stepper with init_state() "
+        f"and step(), got {type(model).__name__} with neither; stablespike looks for "
+        f"{_known_neurons()} (register other neuron types with stablespike.register_neuron)")
 
-    with maybe_cast(stepper, twin_dtype) as run_stepper:
-        # steppers that can carry their twins as differences do (cheaper: twin_differences.py)
-        differences = bool(getattr(run_stepper, "supports_twin_differences", False))
-        twins = TwinLayout(B, rows, differences=differences)
-        dtype = twin_dtype or x.dtype
-        state = initial_state(run_stepper, B, twins, x.device, dtype)
-        spec = state_spec_of(run_stepper, state[:len(state) // 2] if twins.differences else state)
-        chosen = select_layers(spec, layers)
-        if not twins.differences:  # a difference carried as such keeps its own precision
-            _warn_if_unresolved(eps, sum(state[i][0].numel() for i in chosen), dtype)
-        # steppers that never save their state for backward let the twin rows be rewritten in place
-        inplace = bool(getattr(run_stepper, "twin_state_inplace", False))
-        tracker = _Tracker(twins, spec, chosen, eps, renorm, discard, int(renorm_every), T,
-                           count_flips, inplace)
-        state = tracker.perturb(state, generator)
-        run = unroll(run_stepper, x.to(dtype), state, twins=twins, on_step=tracker,
-                     record_states=record_states)
 
-    per_sample = (tracker.log_growth() / tracker.counted_steps).to(x.dtype)
-    outputs = run.outputs.to(x.dtype)
+def _known_neurons() -> str:
+    frameworks = [a.framework for a in DEFAULT_REGISTRY.adapters()]
+    return "neurons of " + ", ".join(frameworks) if frameworks else "registered neuron types"
+
+
+def _uses_neurons(model, forward) -> bool:
+    if not isinstance(model, nn.Module) or not any(
+            DEFAULT_REGISTRY.adapter_for(m) is not None for m in model.modules()):
+        return False
+    own_forward = type(model).forward is not nn.Module.forward
+    return forward is not None or own_forward or not is_stepper(model)
+
+
+def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm, fraction, twin_dtype,
+                     renorm_every, discard, count_flips, generator) -> FiniteDifferenceResult:
+    check_tensor(x, "x", ndims=range(1, 9), layout="with the samples along batch_dim")
+    if int(batch_dim) != batch_dim or not -x.dim() <= int(batch_dim) < x.dim():
+        raise ValueError(f"batch_dim: expected a dimension of x (shape {tuple(x.shape)}), "
+                         f"in [{-x.dim()}, {x.dim() - 1}], got {batch_dim!r}")
+    batch_dim = int(batch_dim) % x.dim()
+    forward = forward or (lambda m, inp: m(inp))
+    neurons = find_layers(model)
+    chosen = _choose_neurons(len(neurons), layers)
+    if any(n.adapter.multistep(n.module, None) for n in neurons):
+        renorm = "per_layer"  # layer after layer: the layers cannot be rescaled together
+    rows = choose_rows(x.shape[batch_dim], fraction, x.device, generator)
+    groups = len(chosen) if renorm == "per_layer" else 1
+    estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every, discard=discard,
+                            count_flips=count_flips)
+    x_twins = rows.extend(x, dim=batch_dim)
+    driver = ModuleTwins(model, neurons, chosen, estimate, generator, twin_dtype)
+    if twin_dtype is None:
+        out = driver.run(forward, x_twins)
+    else:
+        with cast_forward(model, forward, twin_dtype) as cast:
+            out = driver.run(cast, x_twins.to(twin_dtype) if x.is_floating_point() else x_twins)
+    state_dtype = next(iter(driver.perturbed[0].state.values())).dtype
+    _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.perturbed for s in n.state.values()),
+                        state_dtype)
+    per_sample = estimate.per_sample()
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     return FiniteDifferenceResult(
-        exponent=per_sample.mean(), per_sample=per_sample, sample_index=twins.index,
-        flip_fraction=tracker.flip_fraction(T), eps=eps, renorm=renorm,
-        steps=tracker.counted_steps, outputs=outputs, state=run.state, states=run.states,
-    )
+        exponent=per_sample.mean().to(dtype), per_sample=per_sample.to(dtype),
+        sample_index=rows.index, flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
+        steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, batch_dim, dtype))
 
 
-def _choose_rows(batch: int, fraction: float, device, generator) -> torch.Tensor:
-    """The rows that get a twin: all of them, or a random sorted subset of ceil(fraction * B)."""
-    k = max(1, math.ceil(fraction * batch))
-    if k >= batch:
-        return torch.arange(batch, device=device)
-    perm = torch.randperm(batch, generator=generator, device="cpu")[:k]
-    return perm.sort().values.to(device)
+def _choose_neurons(count: int, layers) -> List[int]:
+    if layers is None:
+        return list(range(count))
+    chosen = []
+    for layer in layers:
+        if int(layer) != layer or not -count <= int(layer) < count:
+            raise ValueError(f"layers: expected neuron layer indices in [-{count}, {count - 1}] "
+                             f"(the model has {count} spiking-neuron modules), got {list(layers)!r}")
+        chosen.append(int(layer) % count)
+    return sorted(set(chosen))
+
+
+def _nominal_outputs(out, rows, dim: Optional[int], batch_dim: int, dtype):
+    """``out`` (a tensor or a tuple/list of tensors or None) restricted to the samples' rows:
+    along ``dim``, else along the one dimension of the extended batch's size, else (several)
+    along ``batch_dim`` when it is one of them."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_nominal_outputs(o, rows, dim, batch_dim, dtype) if o is not None else None
+                         for o in out)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"forward: expected it to return a tensor or a tuple of tensors, got "
+                         f"{type(out).__name__}")
+    dims = [d for d in range(out.dim()) if out.shape[d] == rows.total]
+    what = f"size {rows.total} (the {rows.batch} samples and {rows.twins} twins)"
+    if dim is None and len(dims) > 1 and batch_dim in dims:
+        dim = batch_dim
+    if dim is None and len(dims) != 1:
+        raise ValueError(
+            f"batch_dim: an output of forward has shape {tuple(out.shape)}, with "
+            f"{'no dimension' if not dims else 'several dimensions'} of {what}; is batch_dim the "
+            "dimension of x that indexes samples?" + (" Pass output_batch_dim." if dims else ""))
+    dim = dims[0] if dim is None else dim
+    if not -out.dim() <= dim < out.dim() or out.shape[dim] != rows.total:
+        raise ValueError(f"output_batch_dim: expected a dimension of {what} in every output, "
+                         f"got {dim} for an output of shape {tuple(out.shape)}")
+    nominal = out.narrow(dim, 0, rows.batch)
+    return nominal.to(dtype) if nominal.is_floating_point() else nominal
+
+
+def _stepper_estimate(stepper, x, eps, layers, renorm, fraction, twin_dtype, renorm_every,
+                      discard, count_flips, generator, record_states) -> FiniteDifferenceResult:
+    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
+    T, B = x.shape[0], x.shape[1]
+    if discard >= T:
+        raise ValueError(f"discard: expected an integer in [0, {T - 1}] (T={T}), got {discard!r}")
+    rows = choose_rows(B, fraction, x.device, generator)
+    with maybe_cast(stepper, twin_dtype) as run_stepper:
+        dtype = twin_dtype or x.dtype
+        probe = tuple(run_stepper.init_state(1, x.device, dtype))
+        spec = state_spec_of(run_stepper, probe)
+        chosen = select_layers(spec, layers)
+        _warn_if_unresolved(eps, sum(probe[i][0].numel() for i in chosen), dtype)
+        groups = 1 if renorm == "global" else len({spec[i].layer for i in chosen})
+        estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every,
+                                discard=discard, count_flips=count_flips)
+        run = run_twins(run_stepper, x.to(dtype), estimate, chosen, spec, generator, record_states)
+    per_sample = estimate.per_sample().to(x.dtype)
+    return FiniteDifferenceResult(
+        exponent=per_sample.mean(), per_sample=per_sample, sample_index=rows.index,
+        flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
+        steps=estimate.counted_steps, outputs=run.outputs.to(x.dtype), state=run.state,
+        states=run.states)
 
 
 def _warn_if_unresolved(eps: float, n_perturbed: int, dtype: torch.dtype) -> None:
@@ -174,87 +280,3 @@ def _warn_if_unresolved(eps: float, n_perturbed: int, dtype: torch.dtype) -> Non
             "quantized. Use twin_dtype=torch.float64 or a larger eps.",
             RuntimeWarning, stacklevel=user_stacklevel(),
         )
-
-
-class _Tracker:
-    """Perturbs the twins, then after each step (or interval) measures and renormalizes."""
-
-    def __init__(self, twins: TwinLayout, spec, chosen, eps, renorm, discard, every, steps,
-                 count_flips, inplace):
-        self.twins, self.chosen, self.eps = twins, chosen, eps
-        # where the perturbed tensors sit in the state: their twin rows, or their differences
-        self.offset = len(spec) if twins.differences else 0
-        self.discard, self.every, self.last = discard, every, steps - 1
-        self.spikes = tuple(i for i, s in enumerate(spec) if s.kind == "spike") if count_flips else ()
-        if renorm == "global":
-            self.groups = [tuple(range(len(chosen)))]
-        else:  # one group per layer; positions into ``chosen``
-            layers = sorted({spec[i].layer for i in chosen})
-            self.groups = [tuple(k for k, i in enumerate(chosen) if spec[i].layer == layer)
-                           for layer in layers]
-        # each group's share of the norm eps
-        self.renormalize = Renormalizer(twins, self.groups, eps / math.sqrt(len(self.groups)), inplace)
-        self.norms = []  # (K,) divergence at the end of each counted interval
-        self.counted_steps = 0
-        self.interval_start = 0
-        self.flips = []
-
-    def perturb(self, state: State, generator) -> State:
-        """Twins := their nominal rows + a random direction of norm eps (per sample)."""
-        tw, out = self.twins, list(state)
-        for i in self.chosen:
-            shape = (tw.twins,) + tuple(state[i].shape[1:])
-            noise = torch.randn(shape, generator=generator, device="cpu", dtype=state[i].dtype)
-            noise = noise.to(state[i].device)
-            if tw.differences:
-                out[self.offset + i] = noise
-            else:
-                out[i] = torch.cat([tw.nominal(state[i]), tw.partner(state[i]) + noise])
-        return self._renormalize(tuple(out))[0]
-
-    def _renormalize(self, state: State):
-        norm, new = self.renormalize([state[self.offset + i] for i in self.chosen])
-        out = list(state)
-        for i, s in zip(self.chosen, new):
-            out[self.offset + i] = s
-        return tuple(out), norm
-
-    def __call__(self, t: int, out_t: torch.Tensor, state: State) -> State:
-        if self.spikes:
-            self._count_flips(state)
-        if (t + 1) % self.every and t != self.last:
-            return state  # inside a renormalization interval
-        state, norm = self._renormalize(state)
-        if self.interval_start >= self.discard:
-            self.norms.append(norm)  # reduced once at the end: no per-step log
-            self.counted_steps += t + 1 - self.interval_start
-        self.interval_start = t + 1
-        return state
-
-    def log_growth(self) -> torch.Tensor:
-        """Sum over counted intervals of ``ln(divergence / eps)`` per sample, ``(K,)``."""
-        norms = torch.stack(self.norms)  # (intervals, K)
-        if bool(norms.detach().amin() <= torch.finfo(norms.dtype).tiny):
-            warnings.warn(
-                "the twin trajectories coincided exactly for some samples (zero divergence): eps "
-                "is too small for this dtype, or the chosen layers do not depend on their state. "
-                "Their log-growth was floored.",
-                RuntimeWarning, stacklevel=user_stacklevel(),
-            )
-        return norms.log().sum(dim=0) - len(self.norms) * math.log(self.eps)
-
-    @torch.no_grad()
-    def _count_flips(self, state: State) -> None:
-        tw = self.twins
-        if tw.differences:
-            differ = [state[self.offset + i].ne(0).flatten(1) for i in self.spikes]
-        else:
-            differ = [(tw.twin(state[i]) != tw.partner(state[i])).flatten(1) for i in self.spikes]
-        self.flips.append(torch.cat(differ, dim=1).any(dim=1).sum())
-
-    def flip_fraction(self, steps: int) -> float:
-        """Flipped (step, sample) pairs over all pairs; NaN when the stepper declares no spikes."""
-        if not self.spikes:
-            return float("nan")
-        return int(torch.stack(self.flips).sum()) / (steps * self.twins.twins)
-

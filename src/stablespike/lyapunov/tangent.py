@@ -8,8 +8,7 @@ backward pass uses (the stepper's spike function must define ``jvp``, as
 weights through the surrogate, unlike the finite-size exponent, which moves only through spike
 flips. Below threshold everywhere, both give ``ln(beta)``.
 
-The k tangents run as k copies of the batch (rows ``B * k``) in one pass, sharing dropout masks
-and batch-norm statistics through the twin layout of :mod:`stablespike.dynamics`. Spike state
+The k tangents run as k copies of the batch (rows ``B * k``) in one pass. Spike state
 components carry tangents too (a recurrent layer feeds its spikes back), but only continuous
 components are orthonormalized and measured; the others follow the same change of basis.
 The estimate is differentiable (QR included), so ``(exponents ** 2).sum()`` can be a loss term.
@@ -24,7 +23,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_tensor
-from ..dynamics import TwinLayout, state_spec_of, unroll
+from ..dynamics import state_spec_of, unroll
+from ..twins import TwinRows
 
 
 @dataclass
@@ -69,12 +69,12 @@ def tangent_spectrum(stepper, x: torch.Tensor, *, k: int = 1, t_ons: int = 1, di
     n = sum(state[i][0].numel() for i in tracked)
     if k > n:
         raise ValueError(f"k: expected at most the continuous state dimension {n}, got {k}")
-    twins = TwinLayout(B, torch.arange(B, device=x.device).repeat(k - 1)) if k > 1 else None
-    if twins is not None:  # the k copies of the batch start from the same state
-        state = tuple(twins.expand(s) for s in state)
+    if k > 1:  # the k copies of the batch start from the same state and see the same input
+        copies = TwinRows(B, torch.arange(B, device=x.device).repeat(k - 1))
+        state, x = tuple(copies.extend(s) for s in state), copies.extend(x, dim=1)
     tracker = _QRTracker(state, tracked, B, k, t_ons, discard, T, generator)
     with fwAD.dual_level():
-        run = unroll(stepper, x, tracker.start(state), twins=twins, on_step=tracker)
+        run = unroll(stepper, x, tracker.start(state), on_step=tracker)
     del run
     return tracker.result()
 

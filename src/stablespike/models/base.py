@@ -1,7 +1,9 @@
 """What the seed models share: building snnTorch neurons, and the seed-style ``forward``.
 
-Every model is a stepper (:mod:`stablespike.dynamics`); its ``forward`` only prepares the input,
-calls the one time loop (plain, or with the finite-difference estimator), and reads out.
+Every model is an ordinary module of snnTorch neurons, stepped by the one time loop
+(:mod:`stablespike.dynamics`; the step knows nothing of Lyapunov twins). With
+``compute_lyapunov=True`` its ``forward`` hands its own plain forward to
+:func:`~stablespike.lyapunov.finite_difference_lyapunov`, exactly as a user's model would be.
 """
 from __future__ import annotations
 
@@ -50,40 +52,48 @@ def check_dims(hidden_dims, name: str = "hidden_dims") -> List[int]:
 
 
 class SeedModel(nn.Module):
-    """Base of the seed models: a stepper whose ``forward`` is the seeds' ``forward``."""
+    """Base of the seed models: a stepper whose ``forward`` is the seeds' ``forward``.
 
-    supports_twins = True
-    # snnTorch's neurons never save their state tensors for backward (beta * mem saves beta), so
-    # the Lyapunov twin rows may be renormalized in place (autograd would raise if that changed).
-    twin_state_inplace = True
+    Subclasses implement ``_logits(outputs (T, B, ...)) -> (B, C)`` and the stepper protocol.
+    """
 
-    def _run(self, x_tf: torch.Tensor, compute_lyapunov: bool, lyap_eps: float,
-             lyap_layers: Optional[Sequence[int]], record_states: bool,
-             lyap_options: Optional[dict]):
-        """Unroll over ``x_tf`` ``(T, B, ...)``: ``(outputs (T, B, ...), lyap_est or None, states)``."""
+    def _classify(self, x_tf: torch.Tensor, record_states: bool) -> Tuple[torch.Tensor, ...]:
+        """The plain forward on a time-first ``x_tf (T, B, ...)``: ``(logits (B, C),)``, then with
+        ``record_states`` the per-layer spikes and membranes, each ``(B, T, ...)``."""
+        run = unroll(self, x_tf, record_states=record_states)
+        logits = self._logits(run.outputs)
+        if not record_states:
+            return (logits,)
+        spec = state_spec_of(self, run.states[0])
+        stacked = [torch.stack([s[i] for s in run.states], dim=1).detach() for i in range(len(spec))]
+        spikes = tuple(x for x, s in zip(stacked, spec) if s.kind == "spike")
+        mems = tuple(x for x, s in zip(stacked, spec) if s.kind == "membrane")
+        return (logits,) + spikes + mems
+
+    def _forward(self, x_tf: torch.Tensor, batch_dim: int, compute_lyapunov: bool, lyap_eps: float,
+                 lyap_layers: Optional[Sequence[int]], record_states: bool, lyap_options: dict):
+        """``(logits, lyap_est or None, recordings or None)`` for a time-first ``x_tf``; ``x_tf``
+        is what the engine extends with twins along ``batch_dim`` (a view of the user's input)."""
         if compute_lyapunov:
             # the seed API returns only the exponent: skip the spike-flip diagnostic
-            res = finite_difference_lyapunov(self, x_tf, eps=lyap_eps, layers=lyap_layers,
-                                             record_states=record_states, count_flips=False,
-                                             **(lyap_options or {}))
-            return res.outputs, res.exponent, res.states
-        run = unroll(self, x_tf, record_states=record_states)
-        return run.outputs, None, run.states
+            res = finite_difference_lyapunov(
+                self, x_tf, forward=lambda model, x: model._classify(x, record_states),
+                batch_dim=batch_dim, output_batch_dim=0, eps=lyap_eps, layers=lyap_layers, count_flips=False,
+                **lyap_options)
+            outputs, lyap = res.outputs, res.exponent
+        else:
+            outputs, lyap = self._classify(x_tf, record_states), None
+        return outputs[0], lyap, self.recordings(outputs[1:]) if record_states else None
 
-    def recordings(self, states: Optional[list]) -> Optional[Dict[str, object]]:
-        """Stack per-step nominal states into the seeds' recordings, batch-first.
-
-        ``spikes`` / ``membrane``: last layer ``(B, T, ...)`` (as seed 001);
-        ``layer_spikes`` / ``layer_membranes``: one ``(B, T, ...)`` tensor per layer.
-        """
-        if states is None:
-            return None
-        spec = state_spec_of(self, states[0])
-        stacked = [torch.stack([s[i] for s in states], dim=1).detach() for i in range(len(spec))]
-        spikes = [x for x, s in zip(stacked, spec) if s.kind == "spike"]
-        mems = [x for x, s in zip(stacked, spec) if s.kind == "membrane"]
-        return {"spikes": spikes[-1], "membrane": mems[-1],
-                "layer_spikes": spikes, "layer_membranes": mems}
+    @staticmethod
+    def recordings(stacked: Sequence[torch.Tensor]) -> Dict[str, object]:
+        """The seeds' recordings from per-layer spikes then membranes, each ``(B, T, ...)``:
+        ``spikes`` / ``membrane`` of the last layer (as seed 001), ``layer_spikes`` /
+        ``layer_membranes`` one tensor per layer."""
+        half = len(stacked) // 2
+        spikes, mems = list(stacked[:half]), list(stacked[half:])
+        return {"spikes": spikes[-1], "membrane": mems[-1], "layer_spikes": spikes,
+                "layer_membranes": mems}
 
 
 def zeros_state(shapes: Sequence[Tuple[int, ...]], batch_size: int, device, dtype):
@@ -133,8 +143,10 @@ class SequenceModel(SeedModel):
         check_tensor(x, "x", ndims=(3,), layout=layout)
         check_size(x, "x", 2, self.input_dim, "input_dim", layout)
         x_tf = x if time_first else batch_first_to_time_first(x)
-        outputs, lyap, states = self._run(
-            x_tf, compute_lyapunov, lyap_eps, lyap_layers, record_states,
+        return self._forward(
+            x_tf, 1, compute_lyapunov, lyap_eps, lyap_layers, record_states,
             {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype,
              "renorm_every": lyap_renorm_every})
-        return self.readout(outputs.sum(dim=0)), lyap, self.recordings(states)
+
+    def _logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self.readout(outputs.sum(dim=0))

@@ -6,7 +6,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from ..dynamics import StateSpec, TwinLayout, shared_dropout, shared_input
+from ..dynamics import StateSpec
 from .base import SequenceModel, leaky, zeros_state
 
 
@@ -32,6 +32,8 @@ class SpikingMLP(SequenceModel):
         super().__init__(input_dim, hidden_dims, num_classes)
         self.beta, self.threshold, self.dropout_p = beta, threshold, float(dropout)
         self.lifs = nn.ModuleList(leaky(beta, threshold, spike_grad) for _ in range(self.num_layers))
+        # seed 001: dropout on each layer's spikes, a new mask per step (twins share it)
+        self.dropouts = nn.ModuleList(nn.Dropout(dropout) for _ in range(self.num_layers)) if dropout > 0 else None
         self._init_weights()
 
     # --- stepper protocol -------------------------------------------------------------------
@@ -43,16 +45,12 @@ class SpikingMLP(SequenceModel):
         return tuple(StateSpec(i, "membrane") for i in range(L)) + tuple(
             StateSpec(i, "spike") for i in range(L))
 
-    def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
-        """One step: ``x_t (B, D)``, state rows ``B (+K twins)`` -> ``(spikes (B+K, H_last), state)``."""
-        L = self.num_layers
-        h = shared_input(self.linears[0](x_t), twins)
-        mems, spikes = [], []
-        for i in range(L):
-            if i > 0:
-                h = self.linears[i](h)
-            spk, mem = self.lifs[i](h, state[i])
-            h = shared_dropout(spk, self.dropout_p, self.training, twins)
+    def step(self, x_t: torch.Tensor, state):
+        """One step: ``x_t (B, D)``, state ``(B, H_l)`` tensors -> ``(spikes (B, H_last), state)``."""
+        h, mems, spikes = x_t, [], []
+        for i in range(self.num_layers):
+            spk, mem = self.lifs[i](self.linears[i](h), state[i])
+            h = self.dropouts[i](spk) if self.dropouts is not None else spk
             mems.append(mem)
             spikes.append(spk)
         return h, tuple(mems) + tuple(spikes)

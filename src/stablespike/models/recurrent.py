@@ -7,7 +7,7 @@ import snntorch as snn
 import torch
 from torch import nn
 
-from ..dynamics import StateSpec, TwinLayout, shared_input
+from ..dynamics import StateSpec
 from ..surrogate import fast_sigmoid
 from .base import SequenceModel, untracked, zeros_state
 
@@ -45,14 +45,11 @@ class RecurrentSpikingMLP(SequenceModel):
     def state_spec(self):
         return tuple(StateSpec(i, kind) for i in range(self.num_layers) for kind in _KINDS)
 
-    def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
-        """One step: ``x_t (B, D)`` -> ``(spikes (B+K, H_last), state)``."""
-        h = shared_input(self.linears[0](x_t), twins)
-        new_state = []
+    def step(self, x_t: torch.Tensor, state):
+        """One step: ``x_t (B, D)`` -> ``(spikes (B, H_last), state)``."""
+        h, new_state = x_t, []
         for i in range(self.num_layers):
-            if i > 0:
-                h = self.linears[i](h)
-            spk, syn, mem = self.neurons[i](h, *state[3 * i: 3 * i + 3])
+            spk, syn, mem = self.neurons[i](self.linears[i](h), *state[3 * i: 3 * i + 3])
             new_state += [spk, syn, mem]
             h = spk
         return h, tuple(new_state)

@@ -12,11 +12,8 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor, describe
-from ..dynamics import StateSpec, TwinLayout, shared_input
+from ..dynamics import StateSpec
 from ..surrogate import fast_sigmoid
-from ..twin_differences import (batch_norm_nominal, batch_norm_scale, leaky_difference,
-                                leaky_supports_differences, LinearDifference,
-                                shared_batch_norm)
 from .base import SeedModel, leaky, zeros_state
 
 CHANNEL_CAP = 512
@@ -34,16 +31,6 @@ class SpikingVGGBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor):
         return self.lif(self.bn(self.conv(x)), mem)
-
-    def current(self, x: torch.Tensor, twins: Optional[TwinLayout], first: bool) -> torch.Tensor:
-        """Input current ``(B+K, C, H, W)``; twins share batch statistics with their nominal rows.
-
-        The first block's input is the same for both trajectories: it is computed for ``B`` rows
-        only and copied to the twins.
-        """
-        if first:
-            return shared_input(self.bn(self.conv(x)), twins)
-        return shared_batch_norm(self.bn, self.conv(x), twins)
 
 
 class SpikingVGG(SeedModel):
@@ -128,52 +115,18 @@ class SpikingVGG(SeedModel):
         return tuple(StateSpec(i, "membrane") for i in range(n)) + tuple(
             StateSpec(i, "spike") for i in range(n))
 
-    @property
-    def supports_twin_differences(self) -> bool:
-        """Twins may be carried as differences (:mod:`stablespike.twin_differences`)."""
-        return all(leaky_supports_differences(block.lif) for blocks in self.stages for block in blocks)
-
-    def step(self, x_t: torch.Tensor, state, twins: Optional[TwinLayout] = None):
-        """One step: image ``x_t (B, C, H, W)`` -> ``(pooled spikes flattened (B+K, F), state)``."""
-        if twins is not None and twins.differences:
-            return self._step_differences(x_t, state, twins)
+    def step(self, x_t: torch.Tensor, state):
+        """One step: image ``x_t (B, C, H, W)`` -> ``(pooled spikes flattened (B, F), state)``."""
         h, k = x_t, 0
         mems, spikes = [], []
         for blocks, pool in zip(self.stages, self.pools):
             for block in blocks:
-                spk, mem = block.lif(block.current(h, twins, first=k == 0), state[k])
+                spk, mem = block(h, state[k])
                 mems.append(mem)
                 spikes.append(spk)
                 h, k = spk, k + 1
             h = pool(h)
         return h.flatten(1), tuple(mems) + tuple(spikes)
-
-    def _step_differences(self, x_t: torch.Tensor, state, twins: TwinLayout):
-        """The step with twins as differences: state = nominal ``(B, C_l, H_l, W_l)`` tensors,
-        then their ``(K, ...)`` differences; returns the nominal output ``(B, F)`` only."""
-        n = self.total_conv_layers
-        nominal, deltas = state[:2 * n], state[2 * n:]
-        h, dh, flipped, k = x_t, None, None, 0  # the twins share the image: no first-block difference
-        ahead, ahead_outs = (), ()  # a pooling still to apply to ``dh``, and its nominal output
-        mems, spikes, dmems, dspikes = [], [], [], []
-        for blocks, pool in zip(self.stages, self.pools):
-            for block in blocks:
-                conv = block.conv(h)
-                normed, invstd = batch_norm_nominal(block.bn, conv)
-                current = None
-                if dh is not None:  # pooling and conv keep the rows without flips zero
-                    scale = batch_norm_scale(block.bn, conv, flipped.numel() > 0, invstd)
-                    current = LinearDifference(ahead + (block.conv,), dh, ahead_outs + (conv,), flipped, scale, twins)
-                spk, mem = block.lif(normed, nominal[k])
-                dmem, dspk, flipped = leaky_difference(block.lif, nominal[k], mem, deltas[k], current, twins, spk)
-                mems.append(mem)
-                spikes.append(spk)
-                dmems.append(dmem)
-                dspikes.append(dspk)
-                h, dh, k, ahead, ahead_outs = spk, dspk, k + 1, (), ()
-            h = pool(h)
-            ahead, ahead_outs = (pool,), (h,)  # pooled with the next block's conv, in one node
-        return h.flatten(1), tuple(mems) + tuple(spikes) + tuple(dmems) + tuple(dspikes)
 
     # --- seed API ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, compute_lyapunov: bool = False, lyap_eps: float = 1e-4,
@@ -198,12 +151,13 @@ class SpikingVGG(SeedModel):
                 f"got {describe(x)}; build the model with SpikingVGG.for_input(x.shape[-3:])"
             )
         x_tf = x.unsqueeze(0).expand(self.T, *x.shape) if x.dim() == 4 else x
-        outputs, lyap, states = self._run(
-            x_tf, compute_lyapunov, lyap_eps, lyap_layers, record_states,
+        return self._forward(
+            x_tf, 1, compute_lyapunov, lyap_eps, lyap_layers, record_states,
             {"renorm": lyap_renorm, "fraction": lyap_fraction, "twin_dtype": lyap_dtype,
              "renorm_every": lyap_renorm_every})
-        logits = self.fc(self.dropout(outputs.sum(dim=0)))
-        return logits, lyap, self.recordings(states)
+
+    def _logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(outputs.sum(dim=0)))
 
 
 def _pair(size) -> Tuple[int, int]:

@@ -1,0 +1,116 @@
+"""Twin rows share their samples' dropout masks and batch-norm statistics, in any model.
+
+While a Lyapunov estimate runs a model on a batch of ``B`` samples followed by ``K`` twin rows,
+:func:`shared_across_twins` makes, for the duration of the run,
+
+* every ``nn.BatchNorm*`` (spikingjelly's step-mode subclasses included) normalize all rows with
+  the batch statistics of the ``B`` samples, and update its running statistics from them only,
+  as a plain forward on the ``B`` samples would;
+* every ``nn.Dropout``, ``Dropout1d/2d/3d`` draw its mask for the samples and give each twin the
+  mask of its sample; spikingjelly's ``layer.Dropout`` likewise (its mask is kept per sequence).
+
+Rows are recognized by count: a tensor whose first dimension is ``m * (B + K)`` is read as ``m``
+blocks of ``B + K`` rows (``m = T`` for a time-flattened multi-step batch). Dropout applied
+through ``torch.nn.functional`` inside a forward is not seen and would differ between twins.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .twins import TwinRows
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+@contextlib.contextmanager
+def shared_across_twins(model, rows: TwinRows) -> Iterator[None]:
+    """Within the block, batch norm and dropout of ``model`` treat twins as their samples."""
+    patched = []
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    try:
+        for module in modules:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                patched.append(_patch(module, "forward", functools.partial(_batch_norm, module, rows)))
+            elif isinstance(module, _DROPOUTS):
+                patched.append(_patch(module, "forward", functools.partial(_dropout, module, rows)))
+            elif callable(getattr(type(module), "create_mask", None)) and hasattr(module, "p"):
+                # spikingjelly layer.Dropout*: one mask per sequence, drawn by create_mask
+                patched.append(_patch(module, "create_mask", functools.partial(_create_mask, module, rows)))
+        yield
+    finally:
+        for module, name, previous in reversed(patched):
+            if previous is None:
+                del module.__dict__[name]
+            else:
+                module.__dict__[name] = previous
+
+
+def _patch(module: nn.Module, name: str, replacement):
+    previous = module.__dict__.get(name)
+    module.__dict__[name] = replacement  # an instance attribute: hooks and the class stay as they are
+    return module, name, previous
+
+
+def _blocks(x: torch.Tensor, rows: TwinRows):
+    """``(m * (B + K), ...) -> (m, B + K, ...)``, or None when ``x`` is not laid out so."""
+    if x.dim() == 0 or x.shape[0] % rows.total:
+        return None
+    return x.unflatten(0, (x.shape[0] // rows.total, rows.total))
+
+
+def _extend_blocks(nominal: torch.Tensor, rows: TwinRows) -> torch.Tensor:
+    """``(m, B, ...) -> (m * (B + K), ...)``: each twin gets a copy of its sample's entry."""
+    return rows.extend(nominal, dim=1).flatten(0, 1)
+
+
+def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
+    plain = type(bn).forward
+    uses_batch = bn.training or bn.running_mean is None
+    multistep = getattr(bn, "step_mode", "s") == "m"  # spikingjelly: (T, N, C, ...)
+    flat = x.flatten(0, 1) if multistep else x
+    blocks = _blocks(flat, rows)
+    if not uses_batch or blocks is None:
+        return plain(bn, x)
+    nominal = blocks[:, : rows.batch]  # (m, B, C, ...)
+    dims = [0, 1] + list(range(3, nominal.dim()))
+    var, mean = torch.var_mean(nominal, dim=dims, unbiased=False)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        _update_running_stats(bn, mean, var, nominal.numel() // nominal.shape[2])
+    shape = (1, -1) + (1,) * (flat.dim() - 2)
+    y = (flat - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.unflatten(0, x.shape[:2]) if multistep else y
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """As ``nn.BatchNorm`` does: exponential (or cumulative) average, unbiased variance."""
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+    unbiased = var.detach() * (n / max(n - 1, 1))
+    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _dropout(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
+    plain = type(module).forward
+    blocks = _blocks(x, rows)
+    if not module.training or module.p == 0 or blocks is None:
+        return plain(module, x)
+    ones = torch.ones_like(blocks[:, : rows.batch]).flatten(0, 1)
+    mask = plain(module, ones).unflatten(0, blocks.shape[:1] + (rows.batch,))  # 0 or 1/(1-p)
+    return x * _extend_blocks(mask, rows)
+
+
+def _create_mask(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
+    """spikingjelly's mask for one step's ``(B + K, ...)``: drawn for the samples, copied to twins."""
+    plain = type(module).create_mask
+    if x.dim() == 0 or x.shape[0] != rows.total:
+        return plain(module, x)
+    return rows.extend(plain(module, x[: rows.batch]), dim=0)

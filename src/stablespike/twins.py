@@ -1,0 +1,151 @@
+"""The twin engine's core, shared by both drivers (steppers and modules with spiking neurons).
+
+A finite-difference (Benettin) estimate carries, beside the ``B`` nominal samples of a batch,
+``K`` twin rows: copies of some samples whose continuous state (membranes, synaptic currents)
+is displaced by a random direction of norm ``eps`` per sample. After every ``renorm_every`` steps
+the per-sample distance between each twin and its nominal row is measured over exactly the
+perturbed state, its log-growth accumulated, and the displacement scaled back to ``eps``.
+
+This module knows nothing about models: it works on the state tensors ``(B + K, ...)`` a driver
+hands it, grouped by layer. The drivers (:mod:`stablespike.dynamics` for steppers,
+:mod:`stablespike.neuron_twins` for modules) decide when a step ends and where state lives.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ._checks import user_stacklevel
+
+RENORM_MODES = ("global", "per_layer")
+
+
+class TwinRows:
+    """``batch`` nominal rows followed by one twin row per entry of ``index`` ``(K,)``, the
+    nominal row each twin copies. With ``index = arange(B)`` every sample has a twin."""
+
+    def __init__(self, batch: int, index: torch.Tensor):
+        self.batch, self.index = int(batch), index
+        self.twins = int(index.numel())
+        self.total = self.batch + self.twins
+        self._all = self.twins == self.batch and bool(torch.equal(index.cpu(), torch.arange(self.batch)))
+
+    def extend(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``x`` with the twins' copies of their samples appended along ``dim`` (B -> B + K)."""
+        copies = x.narrow(dim, 0, self.batch) if self._all else x.index_select(dim, self.index.to(x.device))
+        return torch.cat([x, copies], dim=dim)
+
+    def partner(self, s: torch.Tensor) -> torch.Tensor:
+        """``(B + K, ...) -> (K, ...)``: the nominal row of each twin."""
+        return s[: self.batch] if self._all else s.index_select(0, self.index.to(s.device))
+
+    def difference(self, s: torch.Tensor) -> torch.Tensor:
+        """``(B + K, ...) -> (K, ...)``: twin minus its nominal row."""
+        return s[self.batch:] - self.partner(s)
+
+    def with_difference(self, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``s`` whose twin rows are set to their nominal row plus ``d`` ``(K, ...)``."""
+        return torch.cat([s[: self.batch], self.partner(s) + d.to(s.dtype)])
+
+
+def choose_rows(batch: int, fraction: float, device, generator: Optional[torch.Generator]) -> TwinRows:
+    """Twins for all rows, or for a random sorted subset of ``ceil(fraction * batch)`` rows."""
+    k = max(1, math.ceil(fraction * batch))
+    if k >= batch:
+        return TwinRows(batch, torch.arange(batch, device=device))
+    perm = torch.randperm(batch, generator=generator, device="cpu")[:k]
+    return TwinRows(batch, perm.sort().values.to(device))
+
+
+def squared_norm(diffs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample sum of squares over a list of ``(K, ...)`` tensors, ``(K,)``."""
+    return sum(d.pow(2).flatten(1).sum(1) for d in diffs)
+
+
+def random_direction(shapes: Sequence[torch.Size], norm: float, like: torch.Tensor,
+                     generator: Optional[torch.Generator]) -> List[torch.Tensor]:
+    """Random tensors of the given ``(K, ...)`` shapes whose joint norm is ``norm`` per sample."""
+    noise = [torch.randn(tuple(s), generator=generator, dtype=torch.float64).to(like.device, like.dtype)
+             for s in shapes]
+    return _scaled(noise, squared_norm(noise), norm)
+
+
+def _scaled(diffs, sq, target):
+    scale = target / sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()  # a zero difference stays zero
+    return [d * scale.view(-1, *[1] * (d.dim() - 1)) for d in diffs]
+
+
+class TwinEstimate:
+    """Measures and renormalizes twin differences, and keeps the per-sample log-growth.
+
+    Steps are counted from the first step after the perturbation. A driver calls
+    :meth:`perturbation` once, then for each group (layer) at the end of every interval
+    :meth:`renormalize`; the interval ends after steps ``renorm_every - 1, 2 renorm_every - 1,
+    ...`` and at the last step (:meth:`is_boundary`). ``groups`` is the number of layers.
+    """
+
+    def __init__(self, rows: TwinRows, eps: float, renorm: str, groups: int, *,
+                 renorm_every: int = 1, discard: int = 0, count_flips: bool = True):
+        self.rows, self.eps, self.renorm, self.groups = rows, float(eps), renorm, int(groups)
+        self.every, self.discard, self.count_flips = int(renorm_every), int(discard), count_flips
+        # share of eps per layer: the joint norm after renormalization is eps in both modes
+        self.group_target = self.eps / math.sqrt(self.groups) if renorm == "per_layer" else self.eps
+        self._sq: Dict[int, Dict[int, torch.Tensor]] = {}  # interval end step -> group -> (K,)
+        self._flips: Dict[int, torch.Tensor] = {}  # step -> (K,) bool: any spike differed
+
+    def is_boundary(self, step: int) -> bool:
+        return (step + 1) % self.every == 0
+
+    def perturbation(self, shapes: Sequence[torch.Size], like: torch.Tensor, generator) -> List[torch.Tensor]:
+        """Random differences ``(K, ...)`` for one group (``per_layer``) or all (``global``)."""
+        return random_direction(shapes, self.group_target, like, generator)
+
+    def renormalize(self, step: int, diffs_by_group: Dict[int, List[torch.Tensor]]) -> Dict[int, List[torch.Tensor]]:
+        """Record the growth of the groups given at the end of the interval ending at ``step``,
+        and return their differences scaled back (jointly in ``global`` mode, which must get
+        every group at once; each group to its share in ``per_layer`` mode)."""
+        sq = {g: squared_norm(d) for g, d in diffs_by_group.items()}
+        self._sq.setdefault(step, {}).update(sq)
+        if self.renorm == "global":
+            total = sum(sq.values())
+            return {g: _scaled(d, total, self.eps) for g, d in diffs_by_group.items()}
+        return {g: _scaled(d, sq[g], self.group_target) for g, d in diffs_by_group.items()}
+
+    def record_flips(self, step: int, differ: torch.Tensor) -> None:
+        """``differ`` ``(K,)`` bool: some spike of a twin differed from its nominal row's."""
+        if self.count_flips:
+            prev = self._flips.get(step)
+            self._flips[step] = differ if prev is None else prev | differ
+
+    def per_sample(self) -> torch.Tensor:
+        """Mean log-growth per step of each twin over the counted intervals, ``(K,)``."""
+        ends = sorted(self._sq)
+        incomplete = [e for e in ends if len(self._sq[e]) != self.groups]
+        if incomplete:
+            raise RuntimeError(f"steps {incomplete[:5]}: not every layer reported its state "
+                               f"({self.groups} expected)")
+        starts = [0] + [e + 1 for e in ends[:-1]]
+        counted = [(s, e) for s, e in zip(starts, ends) if s >= self.discard]
+        if not counted:
+            raise ValueError(f"discard: {self.discard} leaves no whole renormalization interval "
+                             f"(renorm_every={self.every}) in the {ends[-1] + 1 if ends else 0} "
+                             "measured steps")
+        sq = torch.stack([sum(self._sq[e].values()) for _, e in counted])  # (intervals, K)
+        if bool(sq.detach().amin() <= torch.finfo(sq.dtype).tiny):
+            warnings.warn(
+                "the twin trajectories coincided exactly for some samples (zero divergence): eps "
+                "is too small for this dtype, or the chosen layers do not depend on their state. "
+                "Their log-growth was floored.", RuntimeWarning, stacklevel=user_stacklevel())
+        logs = 0.5 * sq.clamp_min(torch.finfo(sq.dtype).tiny).log() - math.log(self.eps)
+        self.counted_steps = sum(e - s + 1 for s, e in counted)
+        return logs.sum(0) / self.counted_steps
+
+    def flip_fraction(self) -> float:
+        """Flipped (step, twin) pairs over all measured pairs; NaN when no spikes were seen."""
+        if not self._flips:
+            return float("nan")
+        flips = torch.stack(list(self._flips.values()))
+        return float(flips.float().mean())
