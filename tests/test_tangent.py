@@ -60,7 +60,7 @@ def test_tangent_and_finite_difference_agree_on_a_smooth_system():
 def test_lif_below_threshold_gives_ln_beta_for_every_exponent():
     torch.manual_seed(0)
     model = SpikingMLP(6, [10, 8], 2, beta=0.9, threshold=1e9).double()
-    r = tangent_spectrum(model, torch.rand(30, 3, 6, dtype=torch.float64) * 3, k=6)
+    r = tangent_spectrum(model, torch.rand(3, 30, 6, dtype=torch.float64) * 3, k=6, batch_dim=0)
     assert torch.allclose(r.exponents, torch.full((6,), math.log(0.9), dtype=torch.float64), atol=1e-9)
 
 
@@ -90,10 +90,11 @@ def test_tangent_step_equals_autograd_jacobian_with_the_surrogate():
 def test_result_is_differentiable_and_reports_convergence():
     torch.manual_seed(2)
     model = SpikingMLP(6, [16, 16], 2, threshold=0.4)
-    r = tangent_spectrum(model, torch.rand(20, 4, 6) * 2, k=3)
+    r = tangent_spectrum(model, torch.rand(4, 20, 6) * 2, k=3, batch_dim=0)
     (r.exponents ** 2).sum().backward()  # flossing-style loss
     assert model.linears[1].weight.grad is not None and torch.isfinite(model.linears[1].weight.grad).all()
-    assert r.history.shape == (20, 3) and math.isfinite(r.convergence)
+    assert model.linears[1].weight.grad.abs().sum() > 0
+    assert r.history.shape == (19, 3) and math.isfinite(r.convergence)  # steps after the first
     assert "tangent Lyapunov spectrum" in str(r)
 
 
@@ -144,19 +145,19 @@ def test_depthwise_gain_predicts_vanishing_in_a_deep_mlp_with_tiny_weights():
     with torch.no_grad():
         for lin in tiny.linears[1:]:
             lin.weight.mul_(0.05)
-    x = torch.rand(10, 4, 16) * 2
-    assert depthwise_gain(tiny, x).mean < depthwise_gain(healthy, x).mean - 1.0
+    x = torch.rand(4, 10, 16) * 2  # (B, T, D), as the model takes it
+    assert depthwise_gain(tiny, x, batch_dim=0).mean < depthwise_gain(healthy, x, batch_dim=0).mean - 1.0
 
 
 def test_analyze_dynamics_on_the_three_seed_models():
     from stablespike import RecurrentSpikingMLP, SpikingVGG, analyze_dynamics
     torch.manual_seed(3)
-    seq = torch.rand(12, 3, 8) * 2
-    for model, x in ((SpikingMLP(8, [16, 16], 2, threshold=0.5), seq),
-                     (RecurrentSpikingMLP(8, [12, 12], 2), seq),
-                     (SpikingVGG(1, 2, base_channels=4, num_stages=2, blocks_per_stage=1, input_size=8).eval(),
-                      torch.rand(4, 2, 1, 8, 8) * 3)):
-        report = analyze_dynamics(model, x, eps=1e-3, k=2, depth=True)
+    seq = torch.rand(3, 12, 8) * 2  # the sequence models take (B, T, D), as seed 001
+    for model, x, batch_dim in ((SpikingMLP(8, [16, 16], 2, threshold=0.5), seq, 0),
+                                (RecurrentSpikingMLP(8, [12, 12], 2), seq, 0),
+                                (SpikingVGG(1, 2, base_channels=4, num_stages=2, blocks_per_stage=1,
+                                            input_size=8).eval(), torch.rand(4, 2, 1, 8, 8) * 3, 1)):
+        report = analyze_dynamics(model, x, batch_dim=batch_dim, eps=1e-3, k=2, depth=True)
         assert report.tangent.exponents.shape == (2,) and torch.isfinite(report.tangent.exponents).all()
         assert math.isfinite(report.depth.mean) and math.isfinite(float(report.finite_difference))
         text = str(report)

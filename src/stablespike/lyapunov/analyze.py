@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,26 +25,28 @@ class DynamicsReport:
         return "\n".join(parts) if parts else "nothing was measured"
 
 
-def analyze_dynamics(stepper, x: torch.Tensor, *, eps: Optional[float] = 1e-4, k: int = 0,
+def analyze_dynamics(model, x: torch.Tensor, *, forward: Optional[Callable] = None,
+                     batch_dim: int = 1, eps: Optional[float] = 1e-4, k: int = 0,
                      depth: bool = False, t_ons: int = 1, discard: int = 0,
                      generator: Optional[torch.Generator] = None) -> DynamicsReport:
-    """Measure a stepper (any seed model, or your own) on a time-first batch ``x`` ``(T, B, ...)``.
+    """Measure a model on a batch: a module with spiking neurons (yours or the library's), run
+    through ``forward(model, x)`` (default ``model(x)``) with the samples along ``batch_dim``, or
+    a stepper over a time-first ``x (T, B, ...)``.
 
     ``eps``: finite-difference exponent at that perturbation size (None: skip); ``k``: top-k
     tangent spectrum (0: skip); ``depth``: depth-wise gain (feedforward depth). No gradients are
     kept: this is for looking, the estimators themselves are the differentiable loss terms.
     """
+    how = {"forward": forward, "batch_dim": batch_dim, "generator": generator}
     report = DynamicsReport()
     with torch.no_grad():
         if eps is not None:
-            report.finite_difference = finite_difference_lyapunov(stepper, x, eps=eps, discard=discard,
-                                                                  generator=generator)
+            report.finite_difference = finite_difference_lyapunov(model, x, eps=eps, discard=discard, **how)
     if k:
         with torch.enable_grad():  # forward-mode AD; detached below
-            report.tangent = tangent_spectrum(stepper, x, k=k, t_ons=t_ons, discard=discard,
-                                              generator=generator)
+            report.tangent = tangent_spectrum(model, x, k=k, t_ons=t_ons, discard=discard, **how)
         report.tangent.exponents = report.tangent.exponents.detach()
         report.tangent.per_sample = report.tangent.per_sample.detach()
     if depth:
-        report.depth = depthwise_gain(stepper, x, generator=generator)
+        report.depth = depthwise_gain(model, x, **how)
     return report

@@ -7,6 +7,13 @@ step a random unit tangent is put on the first layer's continuous state, pushed 
 by forward-mode AD (surrogate derivative included), and the tangent norms that reach each layer's
 new state are compared: ``gain[l] = ln(|t_{l+1}| / |t_l|)`` nats per layer, averaged over steps
 (E[log]) and samples. Large positive values predict exploding, large negative vanishing gradients.
+
+On a module with spiking neurons the same is done through the model's own forward, with each
+neuron's own surrogate (:mod:`stablespike.forward_mode`): before every step the first neuron's
+state gets a fresh unit tangent and every other neuron's a zero one (spikes fed back included),
+and after the step the tangent norm of each neuron's state is read (the first step's state is
+where it starts, so ``T - 1`` steps are measured). Multi-step neurons run one step at a time
+(:mod:`stablespike.neuron_runs`); the tangent reaches a layer through its input as it runs.
 """
 from __future__ import annotations
 
@@ -15,8 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from typing import Callable, Dict, List, Optional, Tuple
+
 from .._checks import check_tensor
 from ..dynamics import state_spec_of, unroll
+from ..forward_mode import forward_mode_surrogates
+from ..neuron_runs import Neuron, NeuronRun
+from ..neurons import find_layers
+from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 
 
 @dataclass
@@ -33,8 +46,17 @@ class DepthGainResult:
         return f"depth-wise gain {self.mean:+.4f} nats/layer (layer to layer: [{gains}])"
 
 
-def depthwise_gain(stepper, x: torch.Tensor, *, generator=None) -> DepthGainResult:
-    """Layer-to-layer growth of a first-layer perturbation, for a stepper over ``x`` ``(T, B, ...)``."""
+def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None, batch_dim: int = 1,
+                   generator=None) -> DepthGainResult:
+    """Layer-to-layer growth of a first-layer perturbation: for a module with spiking neurons,
+    run through ``forward(model, x)`` (default ``model(x)``) with the samples along ``batch_dim``;
+    for a stepper, over a time-first ``x (T, B, ...)``."""
+    if uses_neurons(model, forward):
+        per_sample = _module_gain(model, x, forward or call_model, check_batch_dim(x, batch_dim), generator)
+        per_layer = per_sample.mean(0)
+        return DepthGainResult(per_layer, per_sample, float(per_layer.detach().mean()))
+    require_stepper(model)
+    stepper = model
     check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
     B = x.shape[1]
     state = stepper.init_state(B, x.device, x.dtype)
@@ -68,3 +90,64 @@ def depthwise_gain(stepper, x: torch.Tensor, *, generator=None) -> DepthGainResu
     per_sample = (log_norms[:, :, 1:] - log_norms[:, :, :-1]).mean(0)  # (B, L - 1)
     per_layer = per_sample.mean(0)
     return DepthGainResult(per_layer, per_sample, float(per_layer.detach().mean()))
+
+
+class _ModuleGain(NeuronRun):
+    """Seeds a unit tangent on the first neuron before every step and reads every neuron's."""
+
+    def __init__(self, model, layers, batch: int, generator):
+        super().__init__(model, layers, list(range(len(layers))), batch, batch, joint=True)
+        self.generator = generator
+        self.logs: Dict[Tuple[int, int], torch.Tensor] = {}  # (step, layer) -> (B,) log norm
+
+    def due(self, step: int) -> bool:
+        return True
+
+    def replacements(self, step: int, neurons: List[Neuron]) -> None:
+        if step >= 0:
+            self._measure(step, neurons)
+        for n in neurons:
+            primals = [fwAD.unpack_dual(s).primal for s in n.state.values()]
+            tangents = _unit(primals, self.generator) if n.group == 0 else [torch.zeros_like(p) for p in primals]
+            for s, p, t in zip(n.state.values(), primals, tangents):
+                n.required[id(s)] = fwAD.make_dual(p, t)
+            if n.spikes is not None:
+                spikes = fwAD.unpack_dual(n.spikes).primal
+                n.optional[id(n.spikes)] = fwAD.make_dual(spikes, torch.zeros_like(spikes))
+
+    def _measure(self, step: int, neurons: List[Neuron]) -> None:
+        for n in neurons:
+            sq = sum(_tangent(s).pow(2).flatten(1).sum(1) for s in n.state.values())
+            self.logs[(step, n.group)] = 0.5 * torch.log(sq.clamp_min(torch.finfo(sq.dtype).tiny))
+
+    def finish(self) -> None:
+        for group in self.open_intervals():
+            self._measure(group[0].calls - 2, group)
+
+    def per_sample(self) -> torch.Tensor:
+        layers = len(self.chosen)
+        steps = sorted({s for s, _ in self.logs if all((s, g) in self.logs for g in range(layers))})
+        log_norms = torch.stack([torch.stack([self.logs[(s, g)] for g in range(layers)], 1) for s in steps])
+        return (log_norms[:, :, 1:] - log_norms[:, :, :-1]).mean(0)  # (B, L - 1)
+
+
+def _tangent(s: torch.Tensor) -> torch.Tensor:
+    t = fwAD.unpack_dual(s).tangent
+    return torch.zeros_like(s) if t is None else t
+
+
+def _unit(primals, generator) -> List[torch.Tensor]:
+    """Random tangents for the tensors ``primals`` with joint norm 1 per sample."""
+    noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in primals]
+    norm = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in noise))
+    return [t / norm.view(-1, *[1] * (t.dim() - 1)) for t in noise]
+
+
+def _module_gain(model, x, forward, batch_dim: int, generator) -> torch.Tensor:
+    layers = find_layers(model)
+    if len(layers) < 2:
+        raise ValueError(f"model: depth-wise gain needs at least 2 spiking-neuron layers, got {len(layers)}")
+    run = _ModuleGain(model, layers, x.shape[batch_dim], generator)
+    with fwAD.dual_level(), forward_mode_surrogates(layers):
+        run.run(forward, x)
+    return run.per_sample()

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-from torch import nn
 
 from .._checks import check_fraction, check_positive, check_tensor, describe, user_stacklevel
-from ..dynamics import is_stepper, run_twins, select_layers, state_spec_of
+from ..dynamics import run_twins, select_layers, state_spec_of
 from ..neuron_twins import ModuleTwins
-from ..neurons import DEFAULT_REGISTRY, find_layers
+from ..neurons import find_layers
 from ..twins import RENORM_MODES, TwinEstimate, choose_rows
+from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 from .precision import cast_forward, maybe_cast
 
 
@@ -147,39 +147,18 @@ def finite_difference_lyapunov(
         raise ValueError(f"renorm_every: expected an integer >= 1, got {renorm_every!r}")
     if int(discard) != discard or discard < 0:
         raise ValueError(f"discard: expected an integer >= 0, got {discard!r}")
-    if _uses_neurons(model, forward):
+    if uses_neurons(model, forward):
         return _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm, fraction,
                                 twin_dtype, int(renorm_every), int(discard), count_flips, generator)
-    if is_stepper(model):
-        return _stepper_estimate(model, x, eps, layers, renorm, fraction, twin_dtype,
-                                 int(renorm_every), int(discard), count_flips, generator, record_states)
-    raise ValueError(
-        f"model: expected an nn.Module containing spiking neurons or a stepper with init_state() "
-        f"and step(), got {type(model).__name__} with neither; stablespike looks for "
-        f"{_known_neurons()} (register other neuron types with stablespike.register_neuron)")
-
-
-def _known_neurons() -> str:
-    frameworks = [a.framework for a in DEFAULT_REGISTRY.adapters()]
-    return "neurons of " + ", ".join(frameworks) if frameworks else "registered neuron types"
-
-
-def _uses_neurons(model, forward) -> bool:
-    if not isinstance(model, nn.Module) or not any(
-            DEFAULT_REGISTRY.adapter_for(m) is not None for m in model.modules()):
-        return False
-    own_forward = type(model).forward is not nn.Module.forward
-    return forward is not None or own_forward or not is_stepper(model)
+    require_stepper(model)
+    return _stepper_estimate(model, x, eps, layers, renorm, fraction, twin_dtype,
+                             int(renorm_every), int(discard), count_flips, generator, record_states)
 
 
 def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm, fraction, twin_dtype,
                      renorm_every, discard, count_flips, generator) -> FiniteDifferenceResult:
-    check_tensor(x, "x", ndims=range(1, 9), layout="with the samples along batch_dim")
-    if int(batch_dim) != batch_dim or not -x.dim() <= int(batch_dim) < x.dim():
-        raise ValueError(f"batch_dim: expected a dimension of x (shape {tuple(x.shape)}), "
-                         f"in [{-x.dim()}, {x.dim() - 1}], got {batch_dim!r}")
-    batch_dim = int(batch_dim) % x.dim()
-    forward = forward or (lambda m, inp: m(inp))
+    batch_dim = check_batch_dim(x, batch_dim)
+    forward = forward or call_model
     neurons = find_layers(model)
     chosen = _choose_neurons(len(neurons), layers)
     if any(n.adapter.multistep(n.module, None) for n in neurons):
@@ -195,8 +174,8 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     else:
         with cast_forward(model, forward, twin_dtype) as cast:
             out = driver.run(cast, x_twins.to(twin_dtype) if x.is_floating_point() else x_twins)
-    state_dtype = next(iter(driver.perturbed[0].state.values())).dtype
-    _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.perturbed for s in n.state.values()),
+    state_dtype = next(iter(driver.chosen[0].state.values())).dtype
+    _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.chosen for s in n.state.values()),
                         state_dtype)
     per_sample = estimate.per_sample()
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_tensor
 from ..dynamics import state_spec_of, unroll
+from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
+from .tangent_modules import module_tangents
 from ..twins import TwinRows
 
 
@@ -46,21 +48,35 @@ class TangentResult:
                 f"{self.per_sample.shape[0]} samples (convergence {self.convergence:.1e})")
 
 
-def tangent_spectrum(stepper, x: torch.Tensor, *, k: int = 1, t_ons: int = 1, discard: int = 0,
+def tangent_spectrum(model, x: torch.Tensor, *, k: int = 1, forward: Optional[Callable] = None,
+                     batch_dim: int = 1, t_ons: int = 1, discard: int = 0,
                      generator: Optional[torch.Generator] = None) -> TangentResult:
-    """Top-``k`` Lyapunov exponents of ``stepper`` driven by ``x`` ``(T, B, ...)``.
+    """Top-``k`` Lyapunov exponents of ``model`` driven by ``x``.
 
+    ``model``: a module with spiking neurons, run through ``forward(model, x)`` (default
+    ``model(x)``) with the samples of ``x`` along ``batch_dim`` (see
+    :mod:`stablespike.lyapunov.tangent_modules`; the first step's state is where the tangents
+    start); or a stepper, unrolled over a time-first ``x (T, B, ...)``.
     ``t_ons``: steps between orthonormalizations; ``discard``: leading steps whose growth is left
     out (transient); ``generator``: seeds the initial tangent basis.
     """
-    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
-    T, B = x.shape[0], x.shape[1]
     if int(t_ons) != t_ons or t_ons < 1:
         raise ValueError(f"t_ons: expected an integer >= 1, got {t_ons!r}")
     if int(k) != k or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    if not 0 <= int(discard) < T:
+    if int(discard) != discard or discard < 0:
+        raise ValueError(f"discard: expected an integer >= 0, got {discard!r}")
+    if uses_neurons(model, forward):
+        batch_dim = check_batch_dim(x, batch_dim)
+        exponents, per_sample, steps, history = module_tangents(
+            model, x, forward or call_model, batch_dim, int(k), int(t_ons), int(discard), generator)
+        return TangentResult(exponents, per_sample, steps, history, _convergence(history))
+    require_stepper(model)
+    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
+    T, B = x.shape[0], x.shape[1]
+    if discard >= T:
         raise ValueError(f"discard: expected an integer in [0, {T - 1}] (T={T}), got {discard!r}")
+    stepper = model
     state = stepper.init_state(B, x.device, x.dtype)
     if not isinstance(state, tuple) or not all(isinstance(s, torch.Tensor) for s in state):
         raise TypeError(f"init_state: expected a tuple of tensors, got {type(state).__name__}")
@@ -143,6 +159,10 @@ class _QRTracker:
             raise ValueError("discard: no orthonormalization was counted; lower discard or t_ons")
         per_sample = self.log_sum / self.counted  # (B, k)
         history = torch.stack(self.history)
-        tail = history[-max(2, len(history) // 4):]
-        conv = float((tail - tail[-1]).abs().max()) if len(tail) > 1 else math.nan
-        return TangentResult(per_sample.mean(0), per_sample, self.counted, history, conv)
+        return TangentResult(per_sample.mean(0), per_sample, self.counted, history, _convergence(history))
+
+
+def _convergence(history: torch.Tensor) -> float:
+    """Largest change of the running estimate over the last quarter of the run."""
+    tail = history[-max(2, len(history) // 4):]
+    return float((tail - tail[-1]).abs().max()) if len(tail) > 1 else math.nan

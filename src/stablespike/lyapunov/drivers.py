@@ -1,0 +1,47 @@
+"""Which driver an estimator uses for a model, and the checks every module estimate shares."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import check_tensor
+from ..dynamics import is_stepper
+from ..neurons import DEFAULT_REGISTRY
+
+
+def uses_neurons(model, forward) -> bool:
+    """A module containing spiking neurons runs through its forward (the module driver); a
+    module that is also a stepper without a forward of its own, given no ``forward``, and any
+    other stepper are unrolled (the stepper driver)."""
+    if not isinstance(model, nn.Module) or not any(
+            DEFAULT_REGISTRY.adapter_for(m) is not None for m in model.modules()):
+        return False
+    own_forward = type(model).forward is not nn.Module.forward
+    return forward is not None or own_forward or not is_stepper(model)
+
+
+def require_stepper(model) -> None:
+    """A ValueError saying what was looked for, when ``model`` is neither kind."""
+    if is_stepper(model):
+        return
+    frameworks = [a.framework for a in DEFAULT_REGISTRY.adapters()]
+    looked_for = ("neurons of " + ", ".join(frameworks)) if frameworks else "registered neuron types"
+    raise ValueError(
+        f"model: expected an nn.Module containing spiking neurons or a stepper with init_state() "
+        f"and step(), got {type(model).__name__} with neither; stablespike looks for "
+        f"{looked_for} (register other neuron types with stablespike.register_neuron)")
+
+
+def check_batch_dim(x, batch_dim) -> int:
+    """``x`` is a finite non-empty tensor with at least one sample along ``batch_dim``; returns
+    ``batch_dim`` as a non-negative index."""
+    check_tensor(x, "x", ndims=range(1, 9), layout="with the samples along batch_dim")
+    if isinstance(batch_dim, bool) or int(batch_dim) != batch_dim or not -x.dim() <= int(batch_dim) < x.dim():
+        raise ValueError(f"batch_dim: expected a dimension of x (shape {tuple(x.shape)}), "
+                         f"in [{-x.dim()}, {x.dim() - 1}], got {batch_dim!r}")
+    return int(batch_dim) % x.dim()
+
+
+def call_model(model: nn.Module, x: torch.Tensor):
+    """The default ``forward``: ``model(x)``."""
+    return model(x)

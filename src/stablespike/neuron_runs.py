@@ -1,0 +1,303 @@
+"""Run any model with spiking neurons through its own forward, replacing the neurons' state
+between steps: the machinery under every dynamics estimate of a module.
+
+Hooks on every neuron found by :mod:`stablespike.neurons` read the neuron's continuous state
+after each call (through its adapter: snnTorch's ``mem`` / ``syn`` attributes, spikingjelly's
+``v``, norse's state tuple) and, when an estimator asks, put a replacement in its place before
+the neuron's next call — perturbed or renormalized twins, re-orthonormalized tangents. The state
+is replaced wherever the framework keeps it: in the call's arguments (a user loop passing ``mem``
+back), inside a state tuple, or in the module's attributes (``init_hidden=True``, spikingjelly),
+recognized by identity. A state that was copied or changed outside the neuron between two calls
+is an error, never a silent wrong number.
+
+Steps. The state before a neuron's first call is the framework's own (often created lazily in
+that call), so the first replacement comes after the first call: ``step = -1`` names that point,
+and the calls after it are steps ``0, 1, ...``.
+
+Order. A *joint* estimator (global renormalization, a QR over all layers) replaces every
+layer's state at once, so every neuron must take step ``t`` before any takes step ``t + 1`` (a
+loop over time around the layers, as snnTorch and norse tutorials write it). Multi-step neurons
+(spikingjelly ``step_mode="m"``) take a whole sequence per call, layer after layer; a run gives
+such a neuron a forward that takes the sequence one step at a time through its adapter's
+``single_step`` (the framework's own single-step arithmetic), replacing its state between steps;
+layers are then handled each on its own.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .context import RowLayout, nominal_rows, twin_rows
+from .neurons import Layer
+
+Replacement = Dict[int, torch.Tensor]  # id(old tensor) -> new tensor
+
+
+class Neuron:
+    """Bookkeeping of one neuron module during a run."""
+
+    def __init__(self, layer: Layer, group: Optional[int]):
+        self.layer, self.group = layer, group  # group: index among the chosen layers, or None
+        self.calls = 0
+        self.state: Dict[str, torch.Tensor] = {}  # continuous state after the last call
+        self.spikes: Optional[torch.Tensor] = None  # spikes of the last call
+        self.done = -2  # last step whose replacement was made (-1: the one after the first call)
+        self.required: Replacement = {}  # must come back into the next call
+        self.optional: Replacement = {}  # replaced where found (e.g. spikes fed back)
+
+    @property
+    def name(self) -> str:
+        return self.layer.name or type(self.layer.module).__name__
+
+    @property
+    def module(self) -> nn.Module:
+        return self.layer.module
+
+    @property
+    def multistep(self) -> bool:
+        return bool(self.layer.adapter.multistep(self.module, None))
+
+
+class NeuronRun:
+    """Base of the module drivers. Subclasses say when a replacement is due (:meth:`due`),
+    compute it (:meth:`replacements`), and may look at each call (:meth:`observe`) and close the
+    run (:meth:`finish`). ``rows``: the number of rows every state must have."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[Layer], chosen: Sequence[int],
+                 rows: int, nominal: int, joint: bool):
+        self.model, self.rows, self.nominal = model, int(rows), int(nominal)
+        group = {index: g for g, index in enumerate(chosen)}
+        self.neurons = [Neuron(layer, group.get(i)) for i, layer in enumerate(layers)]
+        self.chosen = [n for n in self.neurons if n.group is not None]
+        self.joint = joint and not any(n.multistep for n in self.chosen)
+
+    # --- what subclasses decide ---------------------------------------------------------
+    def due(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def replacements(self, step: int, neurons: List[Neuron]) -> None:
+        """Fill ``n.required`` (and ``n.optional``) for each of ``neurons`` after ``step``."""
+        raise NotImplementedError
+
+    def observe(self, n: Neuron, step: int) -> None:
+        """Called after every call; ``n.state`` and ``n.spikes`` hold what it produced."""
+
+    def finish(self) -> None:
+        """Called after the forward."""
+
+    def wrap_output(self, output):
+        """The neuron's output as the model sees it (a subclass may cast it)."""
+        return output
+
+    def step_input(self, n: Neuron, x_t: torch.Tensor) -> torch.Tensor:
+        """The input of one step of a multi-step neuron run step by step."""
+        return x_t
+
+    # --- the run ------------------------------------------------------------------------
+    def run(self, forward, x):
+        """``forward(model, x)`` with the hooks in place; the neurons keep the first ``nominal``
+        rows of their state afterwards, as after a plain call."""
+        handles = []
+        try:
+            for n in self.neurons:
+                if n.multistep:
+                    _give_stepwise_forward(self, n)
+                    continue
+                handles.append(n.module.register_forward_pre_hook(
+                    functools.partial(self._before_call, n), with_kwargs=True))
+                handles.append(n.module.register_forward_hook(functools.partial(self._after_call, n)))
+            with twin_rows(self.nominal, self.rows):
+                out = forward(self.model, x)
+            self.finish()
+            return out
+        finally:
+            for h in handles:
+                h.remove()
+            for n in self.neurons:
+                n.module.__dict__.pop("forward", None) if _is_stepwise(n.module) else None
+                _keep_rows(n.module, RowLayout(self.nominal, self.rows))
+
+    def _before_call(self, n: Neuron, module, args, kwargs):
+        if n.group is None or n.calls == 0:
+            return None
+        self.prepare(n)
+        if not (n.required or n.optional):
+            return None
+        replace = {**n.optional, **n.required}
+        new_args, new_kwargs = _substitute(args, replace), _substitute(kwargs, replace)
+        found = _substitute_attributes(module, replace)
+        if n.required and not (found or new_args is not args or new_kwargs is not kwargs):
+            raise ValueError(
+                f"model: the state of neuron {n.name!r} ({type(module).__name__}) returned by its "
+                f"call {n.calls} did not come back into call {n.calls + 1}, neither as an argument "
+                "nor as an attribute of the neuron, so it cannot be replaced between steps. Pass "
+                "the state the neuron returned back unchanged (no copy, detach or arithmetic on it "
+                "between calls).")
+        n.required, n.optional = {}, {}
+        return new_args, new_kwargs
+
+    def _after_call(self, n: Neuron, module, args, output):
+        self.record(n, output)
+        return self.wrap_output(output)
+
+    def record(self, n: Neuron, output) -> None:
+        """Keep the state and spikes after a call, check their rows, let the subclass look."""
+        adapter = n.layer.adapter
+        n.state = adapter.continuous_state(n.module, output)
+        spikes = adapter.spikes(n.module, output)
+        n.spikes = spikes if isinstance(spikes, torch.Tensor) else None
+        if n.group is not None and not n.state:
+            raise ValueError(
+                f"model: cannot read the state of neuron {n.name!r} ({type(n.module).__name__}): "
+                "its adapter found no membrane or synaptic tensor after the call (for a registered "
+                "type, give register_neuron a membrane= function)")
+        for name, s in n.state.items():
+            if s.dim() == 0 or s.shape[0] != self.rows:
+                raise ValueError(
+                    f"batch_dim: neuron {n.name!r} state {name!r} has shape {tuple(s.shape)}, "
+                    f"expected {self.rows} rows in its first dimension (the {self.nominal} "
+                    "samples and their copies); is batch_dim the dimension of x that indexes samples?")
+        self.observe(n, n.calls - 1)
+        n.calls += 1
+
+    def prepare(self, n: Neuron) -> None:
+        """Make the replacement due before ``n``'s next call: for all chosen layers at once
+        (joint) or for ``n`` alone."""
+        step = n.calls - 2  # the step the last call ended (-1: the first call)
+        if step <= n.done or not (step == -1 or self.due(step)):
+            return
+        together = self.chosen if self.joint else [n]
+        for other in together:
+            if other.calls != n.calls:
+                raise ValueError(
+                    f"model: all layers are handled together here (renorm='global' or a QR over "
+                    f"layers), so every neuron must take step {step + 1} before any takes the "
+                    f"next; neuron {other.name!r} has taken {other.calls} steps and {n.name!r} "
+                    f"{n.calls}. Use renorm='per_layer' for a model run layer after layer.")
+        self.replacements(step, together)
+        for other in together:
+            other.done = step
+
+    def open_intervals(self) -> List[List[Neuron]]:
+        """The groups of chosen neurons whose last step has not been handled (after the run)."""
+        for n in self.chosen:
+            if n.calls < 2:
+                raise ValueError(
+                    f"model: neuron {n.name!r} took {n.calls} step(s); the estimate needs at least 2 "
+                    "(the state after the first step is where it starts)")
+        open_ = [n for n in self.chosen if n.calls - 2 > n.done]
+        if not open_:
+            return []
+        groups = [self.chosen] if self.joint else [[n] for n in open_]
+        for group in groups:
+            if any(m.calls != group[0].calls for m in group):
+                raise ValueError(f"model: neurons took different numbers of steps: " + ", ".join(
+                    f"{m.name!r} {m.calls}" for m in group))
+        return groups
+
+
+# --- multi-step neurons: one step at a time ---------------------------------------------------
+def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
+    module, adapter = n.module, n.layer.adapter
+    if adapter.single_step is None:
+        raise ValueError(f"model: multi-step neuron {n.name!r} ({type(module).__name__}) cannot be "
+                         "run one step at a time (its adapter has no single_step)")
+
+    def stepwise_forward(x_seq, *args, **kwargs):
+        if getattr(module, "store_v_seq", False):
+            module.v_seq = None  # collected afresh for this sequence, as a multi-step call does
+        outputs = []
+        for t in range(x_seq.shape[0]):
+            if n.group is not None and n.calls > 0:
+                run.prepare(n)
+                for name, s in n.state.items():
+                    if id(s) in n.required:
+                        setattr(module, name, n.required[id(s)])
+                n.required, n.optional = {}, {}
+            y = adapter.single_step(module, run.step_input(n, x_seq[t]))
+            run.record(n, y)
+            outputs.append(run.wrap_output(y))
+        return torch.stack(outputs)
+
+    module.__dict__["forward"] = stepwise_forward  # an instance attribute: hooks still run
+
+
+def _is_stepwise(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__name__", "") == "stepwise_forward"
+
+
+# --- replacing state tensors by identity -----------------------------------------------------
+def _substitute(obj, replace: Replacement):
+    """``obj`` with every tensor in ``replace`` (by id) swapped, through tuples (named ones too),
+    lists and dicts; ``obj`` itself when nothing was swapped."""
+    if isinstance(obj, torch.Tensor):
+        return replace.get(id(obj), obj)
+    if isinstance(obj, (tuple, list)):
+        items = [_substitute(o, replace) for o in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    if isinstance(obj, dict):
+        items = {k: _substitute(v, replace) for k, v in obj.items()}
+        return obj if all(items[k] is obj[k] for k in obj) else items
+    return obj
+
+
+def _substitute_attributes(module: nn.Module, replace: Replacement) -> bool:
+    """Swap state tensors held as attributes of ``module`` (plain attributes, buffers, and
+    dictionaries of state such as spikingjelly's memories). Returns whether any was found."""
+    found = False
+    for key, value in list(vars(module).items()):
+        if isinstance(value, torch.Tensor) and id(value) in replace:
+            setattr(module, key, replace[id(value)])
+            found = True
+        elif isinstance(value, dict) and key != "_parameters":
+            for k, v in list(value.items()):
+                if isinstance(v, torch.Tensor) and id(v) in replace:
+                    value[k] = replace[id(v)]
+                    found = True
+    return found
+
+
+def _keep_rows(module: nn.Module, layout: RowLayout) -> None:
+    """The state a neuron keeps (not its parameters or persistent buffers) restricted to the
+    samples' rows."""
+    fixed = set(module.state_dict(keep_vars=True)) | {"_parameters", "_modules"}
+    for key, value in list(vars(module).items()):
+        if key in fixed:
+            continue
+        if isinstance(value, torch.Tensor):
+            setattr(module, key, nominal_rows(value, layout))
+        elif isinstance(value, dict):
+            for k, v in list(value.items()):
+                if isinstance(v, torch.Tensor) and k not in fixed:
+                    value[k] = nominal_rows(v, layout)
+
+
+def cast_floats(obj, dtype: torch.dtype):
+    """Floating tensors of another dtype in ``obj`` (through tuples) cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple):
+        items = [cast_floats(o, dtype) for o in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
+def split_like(flat: Sequence[torch.Tensor], neurons: Sequence[Neuron]) -> Dict[int, List[torch.Tensor]]:
+    """A flat list of per-state tensors (neurons in order, each neuron's state in order) split
+    back into ``{neuron group: [tensors]}``."""
+    items, out = iter(flat), {}
+    for n in neurons:
+        out[n.group] = [next(items) for _ in n.state]
+    return out
+
+
+Shapes = Tuple[torch.Size, ...]
