@@ -142,11 +142,11 @@ def run_twins(stepper, x: torch.Tensor, estimate: TwinEstimate, chosen: Sequence
                                                       for i in spikes]).any(0))
         if not (estimate.is_boundary(t) or t == T - 1):
             return state
-        diffs = {g: [rows.difference(state[i]) for i in members] for g, members in by_group.items()}
-        new, state = estimate.renormalize(t, diffs), list(state)
-        for g, members in by_group.items():
-            for i, d in zip(members, new[g]):
-                state[i] = rows.with_difference(state[i], d)
+        members = [i for g in by_group.values() for i in g]
+        groups = [g for g, m in by_group.items() for _ in m]
+        new, state = estimate.renormalize(t, [state[i] for i in members], groups), list(state)
+        for i, s in zip(members, new):
+            state[i] = s
         return state
 
     recorded = []

@@ -47,6 +47,7 @@ class Neuron:
         self.done = -2  # last step whose replacement was made (-1: the one after the first call)
         self.required: Replacement = {}  # must come back into the next call
         self.optional: Replacement = {}  # replaced where found (e.g. spikes fed back)
+        self.places: list = []  # where in the module's attributes its state was found
 
     @property
     def name(self) -> str:
@@ -128,7 +129,7 @@ class NeuronRun:
             return None
         replace = {**n.optional, **n.required}
         new_args, new_kwargs = _substitute(args, replace), _substitute(kwargs, replace)
-        found = _substitute_attributes(module, replace)
+        found = _substitute_attributes(module, replace, n.places)
         if n.required and not (found or new_args is not args or new_kwargs is not kwargs):
             raise ValueError(
                 f"model: the state of neuron {n.name!r} ({type(module).__name__}) returned by its "
@@ -248,19 +249,31 @@ def _substitute(obj, replace: Replacement):
     return obj
 
 
-def _substitute_attributes(module: nn.Module, replace: Replacement) -> bool:
-    """Swap state tensors held as attributes of ``module`` (plain attributes, buffers, and
-    dictionaries of state such as spikingjelly's memories). Returns whether any was found."""
-    found = False
+def _substitute_attributes(module: nn.Module, replace: Replacement, places: list) -> bool:
+    """Swap state tensors held as attributes of ``module``: plain attributes, buffers, and
+    dictionaries of state such as spikingjelly's memories. ``places`` caches the
+    ``(dictionary, key)`` pairs where they were found last time (a scan of every attribute per
+    call cost ~0.1 ms). Returns whether any was found."""
+    found = _swap_at(places, replace)
+    if found:
+        return True
+    places.clear()
     for key, value in list(vars(module).items()):
+        if isinstance(value, torch.Tensor):
+            places.append((vars(module), key))
+        elif isinstance(value, dict) and key not in ("_parameters", "_modules"):
+            places.extend((value, k) for k, v in value.items() if isinstance(v, torch.Tensor))
+    places[:] = [(d, k) for d, k in places if id(d[k]) in replace]
+    return _swap_at(places, replace)
+
+
+def _swap_at(places: list, replace: Replacement) -> bool:
+    found = False
+    for container, key in places:
+        value = container.get(key)
         if isinstance(value, torch.Tensor) and id(value) in replace:
-            setattr(module, key, replace[id(value)])
+            container[key] = replace[id(value)]
             found = True
-        elif isinstance(value, dict) and key != "_parameters":
-            for k, v in list(value.items()):
-                if isinstance(v, torch.Tensor) and id(v) in replace:
-                    value[k] = replace[id(v)]
-                    found = True
     return found
 
 
@@ -290,14 +303,3 @@ def cast_floats(obj, dtype: torch.dtype):
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
 
-
-def split_like(flat: Sequence[torch.Tensor], neurons: Sequence[Neuron]) -> Dict[int, List[torch.Tensor]]:
-    """A flat list of per-state tensors (neurons in order, each neuron's state in order) split
-    back into ``{neuron group: [tensors]}``."""
-    items, out = iter(flat), {}
-    for n in neurons:
-        out[n.group] = [next(items) for _ in n.state]
-    return out
-
-
-Shapes = Tuple[torch.Size, ...]

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .neuron_runs import Neuron, NeuronRun, cast_floats, split_like
+from .neuron_runs import Neuron, NeuronRun, cast_floats
 from .neurons import Layer
 from .sharing import shared_across_twins
 from .twins import TwinEstimate
@@ -50,29 +50,24 @@ class ModuleTwins(NeuronRun):
                 self.estimate.record_flips(step, self.twin_rows.difference(n.spikes).ne(0).flatten(1).any(1))
 
     def replacements(self, step: int, neurons: List[Neuron]) -> None:
-        new = self._differences(step, neurons)
-        for n in neurons:
-            for s, d in zip(n.state.values(), new[n.group]):
-                n.required[id(s)] = self.twin_rows.with_difference(s, d)
+        for n, old, new in zip(*self._renormalized(step, neurons)):
+            n.required[id(old)] = new
 
-    def _differences(self, step: int, neurons: List[Neuron]):
-        """``{group: [new twin differences (K, ...)]}`` after ``step``: the perturbation (-1),
-        or the measured differences scaled back (jointly, or each layer to its share)."""
+    def _renormalized(self, step: int, neurons: List[Neuron]):
+        """``(owners, old states, new states)`` after ``step``: the perturbation (-1), or the
+        twins put back at distance eps (all layers jointly, or each to its share)."""
+        owners = [n for n in neurons for _ in n.state]
+        old = [s for n in neurons for s in n.state.values()]
         rows, est = self.twin_rows, self.estimate
         if step == -1:
-            shapes = [(rows.twins,) + tuple(s.shape[1:]) for n in neurons for s in n.state.values()]
-            like = next(iter(neurons[0].state.values()))
-            new = split_like(est.perturbation(shapes, like, self.generator), neurons)
+            shapes = [(rows.twins,) + tuple(s.shape[1:]) for s in old]
+            new = [rows.with_difference(s, d)
+                   for s, d in zip(old, est.perturbation(shapes, old[0], self.generator))]
         else:
-            diffs = {n.group: [rows.difference(s) for s in n.state.values()] for n in neurons}
-            if est.renorm == "global":  # one group in the estimate
-                flat = est.renormalize(step, {0: [d for n in neurons for d in diffs[n.group]]})[0]
-                new = split_like(flat, neurons)
-            else:
-                new = est.renormalize(step, diffs)
-        return new
+            new = est.renormalize(step, old, [n.group for n in owners])
+        return owners, old, new
 
     def finish(self) -> None:
         """Measure the interval still open at the end (no renormalization follows it)."""
         for group in self.open_intervals():
-            self._differences(group[0].calls - 2, group)
+            self._renormalized(group[0].calls - 2, group)

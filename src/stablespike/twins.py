@@ -31,16 +31,16 @@ class TwinRows:
         self.batch, self.index = int(batch), index
         self.twins = int(index.numel())
         self.total = self.batch + self.twins
-        self._all = self.twins == self.batch and bool(torch.equal(index.cpu(), torch.arange(self.batch)))
+        self.all_rows = self.twins == self.batch and bool(torch.equal(index.cpu(), torch.arange(self.batch)))
 
     def extend(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """``x`` with the twins' copies of their samples appended along ``dim`` (B -> B + K)."""
-        copies = x.narrow(dim, 0, self.batch) if self._all else x.index_select(dim, self.index.to(x.device))
+        copies = x.narrow(dim, 0, self.batch) if self.all_rows else x.index_select(dim, self.index.to(x.device))
         return torch.cat([x, copies], dim=dim)
 
     def partner(self, s: torch.Tensor) -> torch.Tensor:
         """``(B + K, ...) -> (K, ...)``: the nominal row of each twin."""
-        return s[: self.batch] if self._all else s.index_select(0, self.index.to(s.device))
+        return s[: self.batch] if self.all_rows else s.index_select(0, self.index.to(s.device))
 
     def difference(self, s: torch.Tensor) -> torch.Tensor:
         """``(B + K, ...) -> (K, ...)``: twin minus its nominal row."""
@@ -103,16 +103,23 @@ class TwinEstimate:
         """Random differences ``(K, ...)`` for one group (``per_layer``) or all (``global``)."""
         return random_direction(shapes, self.group_target, like, generator)
 
-    def renormalize(self, step: int, diffs_by_group: Dict[int, List[torch.Tensor]]) -> Dict[int, List[torch.Tensor]]:
-        """Record the growth of the groups given at the end of the interval ending at ``step``,
-        and return their differences scaled back (jointly in ``global`` mode, which must get
-        every group at once; each group to its share in ``per_layer`` mode)."""
-        sq = {g: squared_norm(d) for g, d in diffs_by_group.items()}
+    def renormalize(self, step: int, states: Sequence[torch.Tensor], groups: Sequence[int]) -> List[torch.Tensor]:
+        """``states`` ``(B + K, ...)`` with their twins put back at distance ``eps`` (jointly in
+        ``global`` mode, which must get every state at once; in ``per_layer`` mode each group,
+        given by ``groups`` (the layer of each state), to its share); the distances before are
+        recorded as the growth of the interval ending at ``step``."""
+        rows = self.rows
+        partners = [rows.partner(s) for s in states]
+        diffs = [s[rows.batch:] - p for s, p in zip(states, partners)]
+        norms = torch.stack([torch.linalg.vector_norm(d.flatten(1), dim=1) for d in diffs])  # (n, K)
+        group_of = list(groups) if self.renorm == "per_layer" else [0] * len(states)
+        sq = {g: norms[[i for i, gi in enumerate(group_of) if gi == g]].square().sum(0)
+              for g in sorted(set(group_of))}
         self._sq.setdefault(step, {}).update(sq)
-        if self.renorm == "global":
-            total = sum(sq.values())
-            return {g: _scaled(d, total, self.eps) for g, d in diffs_by_group.items()}
-        return {g: _scaled(d, sq[g], self.group_target) for g, d in diffs_by_group.items()}
+        # twin <- sample + d * target / |d|; a zero distance keeps a zero difference
+        scale = {g: self.group_target * v.clamp_min(torch.finfo(v.dtype).tiny).rsqrt() for g, v in sq.items()}
+        return [torch.cat([s[: rows.batch], torch.addcmul(p, d, scale[g].view(-1, *[1] * (d.dim() - 1)))])
+                for s, p, d, g in zip(states, partners, diffs, group_of)]
 
     def record_flips(self, step: int, differ: torch.Tensor) -> None:
         """``differ`` ``(K,)`` bool: some spike of a twin differed from its nominal row's."""
