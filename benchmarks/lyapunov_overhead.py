@@ -4,8 +4,8 @@ For each model, these training steps (forward, cross-entropy, penalty, backward,
 interleaved after a warm-up, and the medians are compared with the plain step:
 
 * ``plain``      — no estimate;
-* ``full``       — stablespike's estimate on the whole batch (twins batched with the nominal rows,
-                   first layer computed once);
+* ``full``       — stablespike's estimate on the whole batch (a twin row per sample, run through
+                   the model's own forward with the samples);
 * ``fraction``   — the estimate on a random 1/8 of the batch (``lyap_fraction=0.125``);
 * ``fraction+r5`` — the same, measuring and renormalizing every 5 steps (``lyap_renorm_every=5``);
 * ``seed-style`` — the seeds' way, as a reference: seed 001's twin trajectory stepped separately
@@ -18,8 +18,15 @@ memory allocator and the caches changed the next model's ratios by up to 1x.
 It also checks that the sub-batch estimates track the full-batch one: the mean exponent over
 20 batches with ``fraction=0.125`` (and with ``renorm_every=5``) against the full-batch mean.
 
-    python benchmarks/lyapunov_overhead.py            # MLP depths 2/4/8 and a small VGG
+The models: the library's MLP and VGG (through their seed API, ``compute_lyapunov=True``), and
+two models written as their frameworks' tutorials write them, through
+``finite_difference_lyapunov(net, x, forward=...)`` in the user's own step: an snnTorch
+convolutional ``nn.Sequential`` with ``init_hidden=True`` (tutorial 7) and a spikingjelly
+multi-step CSNN with batch norm (the Fashion-MNIST tutorial, narrower).
+
+    python benchmarks/lyapunov_overhead.py            # all four models
     python benchmarks/lyapunov_overhead.py --quick    # fewer repetitions
+    python benchmarks/lyapunov_overhead.py --models mlp:4 snntorch-conv
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from stablespike import LyapunovRegularizer, SpikingMLP, SpikingVGG
+from stablespike import LyapunovRegularizer, SpikingMLP, SpikingVGG, finite_difference_lyapunov
 from _timing import time_paired
 
 warnings.filterwarnings("ignore", message="eps=", category=RuntimeWarning)
@@ -98,6 +105,61 @@ VARIANTS = {
 }
 
 
+def snntorch_conv(num_steps: int):
+    """snnTorch tutorial 7's network for 28x28 images, and its ``forward_pass``."""
+    import snntorch as snn
+    from snntorch import surrogate, utils
+    grad = surrogate.fast_sigmoid(slope=25)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 12, 5), torch.nn.MaxPool2d(2), snn.Leaky(beta=0.5, spike_grad=grad, init_hidden=True),
+        torch.nn.Conv2d(12, 64, 5), torch.nn.MaxPool2d(2), snn.Leaky(beta=0.5, spike_grad=grad, init_hidden=True),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 10),
+        snn.Leaky(beta=0.5, spike_grad=grad, init_hidden=True, output=True))
+
+    def forward_pass(net, data):
+        spk_rec = []
+        utils.reset(net)
+        for _ in range(num_steps):
+            spk_out, mem_out = net(data)
+            spk_rec.append(spk_out)
+        return torch.stack(spk_rec)  # (T, B, 10)
+    return net, forward_pass
+
+
+def spikingjelly_csnn(channels: int):
+    """spikingjelly's Fashion-MNIST CSNN (Conv-BN-IF x2, then fully connected), multi-step."""
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+    net = torch.nn.Sequential(
+        layer.Conv2d(1, channels, 3, padding=1, bias=False), layer.BatchNorm2d(channels),
+        neuron.IFNode(surrogate_function=surrogate.ATan()), layer.MaxPool2d(2),
+        layer.Conv2d(channels, channels, 3, padding=1, bias=False), layer.BatchNorm2d(channels),
+        neuron.IFNode(surrogate_function=surrogate.ATan()), layer.MaxPool2d(2),
+        layer.Flatten(), layer.Linear(channels * 7 * 7, channels * 4 * 4, bias=False),
+        neuron.IFNode(surrogate_function=surrogate.ATan()), layer.Linear(channels * 4 * 4, 10, bias=False),
+        neuron.IFNode(surrogate_function=surrogate.ATan()))
+    functional.set_step_mode(net, "m")
+
+    def forward(net, x_seq):
+        functional.reset_net(net)
+        return net(x_seq)  # (T, B, 10)
+    return net, forward
+
+
+class UserModel(torch.nn.Module):
+    """A user's network and its forward, for the benchmark's steps: ``(logits, lam or None)``."""
+
+    def __init__(self, net, forward, batch_dim: int):
+        super().__init__()
+        self.net, self.forward_fn, self.batch_dim = net, forward, batch_dim
+
+    def forward(self, x, compute_lyapunov=False, lyap_fraction=1.0, lyap_renorm_every=1):
+        if not compute_lyapunov:
+            return self.forward_fn(self.net, x).mean(0), None, None
+        res = finite_difference_lyapunov(self.net, x, forward=self.forward_fn, batch_dim=self.batch_dim,
+                                         fraction=lyap_fraction, renorm_every=lyap_renorm_every)
+        return res.outputs.mean(0), res.exponent, None
+
+
 def make_step(model, x, y, variant: str, reg: LyapunovRegularizer):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
@@ -147,16 +209,15 @@ def bench_model(name, build, make_input, variants, args, reg, agreement_batches=
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--models", nargs="+", default=["mlp:4", "vgg", "snntorch-conv", "sj-csnn"],
+                   help="mlp:DEPTH, vgg, snntorch-conv, sj-csnn")
     p.add_argument("--reps", type=int, default=31)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up")
-    p.add_argument("--no-vgg", action="store_true")
-    p.add_argument("--no-mlp", action="store_true")
     p.add_argument("--vgg-batch", type=int, default=32, help="the VGG's batch size (seed 002 trains with 128)")
     p.add_argument("--no-seed-style", action="store_true", help="leave out the seed-style reference")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--only", help=argparse.SUPPRESS)  # one model, in this process: "mlp:D" or "vgg"
+    p.add_argument("--only", help=argparse.SUPPRESS)  # one model, in this process
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.warmup = 5, 1
@@ -167,9 +228,8 @@ def main(argv=None):
         return [row]
     # every model in a fresh process: what one model leaves in the allocator and caches changed
     # the next one's ratios by up to 1x (the VGG's full-batch ratio read 3.4x after the MLPs, 2.3x alone)
-    models = ([] if args.no_mlp else [f"mlp:{d}" for d in args.depths]) + ([] if args.no_vgg else ["vgg"])
     rows = []
-    for spec in models:
+    for spec in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "row.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--only", spec, "--json", out,
@@ -188,9 +248,22 @@ def main(argv=None):
 
 
 def bench_one(spec: str, args) -> dict:
-    """Benchmark one model: ``mlp:D`` (784-256xD-10, T=25, B=64) or ``vgg``."""
+    """Benchmark one model: ``mlp:D`` (784-256xD-10, T=25, B=64), ``vgg``, ``snntorch-conv``
+    (tutorial 7, 28x28, T=10, B=64) or ``sj-csnn`` (32 channels, 28x28, T=4, B=64)."""
     reg = LyapunovRegularizer(weight=0.3, kind="squared", target=-0.1)
-    variants = ["plain", "full", "fraction", "fraction+r5"] + ([] if args.no_seed_style else ["seed-style"])
+    variants = ["plain", "full", "fraction", "fraction+r5"]
+    if spec in ("snntorch-conv", "sj-csnn"):
+        T, B = (10, 64) if spec == "snntorch-conv" else (4, 64)
+        if spec == "snntorch-conv":  # a static image, repeated by the forward: samples along dim 0
+            build = lambda: UserModel(*snntorch_conv(T), batch_dim=0)  # noqa: E731
+            make = lambda: (torch.rand(B, 1, 28, 28), torch.randint(0, 10, (B,)))  # noqa: E731
+        else:  # spikingjelly's multi-step input (T, B, C, H, W)
+            build = lambda: UserModel(*spikingjelly_csnn(32), batch_dim=1)  # noqa: E731
+            make = lambda: (torch.rand(1, B, 1, 28, 28).expand(T, B, 1, 28, 28), torch.randint(0, 10, (B,)))  # noqa: E731
+        name = ("snnTorch tutorial-7 conv, 28x28, T=10 B=64" if spec == "snntorch-conv"
+                else "spikingjelly CSNN 32 ch, BN, 28x28, T=4 B=64")
+        return bench_model(name, build, make, variants, args, reg)
+    variants += [] if args.no_seed_style else ["seed-style"]
     if spec.startswith("mlp:"):
         d, T, B = int(spec[4:]), 25, 64
         return bench_model(f"MLP 784-256x{d}-10 T={T} B={B}", lambda: SpikingMLP(784, [256] * d, 10),

@@ -111,7 +111,14 @@ class NeuronRun:
                     functools.partial(self._before_call, n), with_kwargs=True))
                 handles.append(n.module.register_forward_hook(functools.partial(self._after_call, n)))
             with twin_rows(self.nominal, self.rows):
-                out = forward(self.model, x)
+                try:
+                    out = forward(self.model, x)
+                except RuntimeError as e:  # e.g. a layer that got the samples' copies along features
+                    raise ValueError(
+                        f"forward: the model failed on x with {self.rows - self.nominal} rows "
+                        f"appended to its {self.nominal} samples along batch_dim ({e}); if "
+                        "batch_dim is not the dimension of x that indexes samples, that is the "
+                        "cause") from e
             self.finish()
             return out
         finally:
@@ -129,14 +136,19 @@ class NeuronRun:
             return None
         replace = {**n.optional, **n.required}
         new_args, new_kwargs = _substitute(args, replace), _substitute(kwargs, replace)
+        in_call = new_args is not args or new_kwargs is not kwargs
         found = _substitute_attributes(module, replace, n.places)
-        if n.required and not (found or new_args is not args or new_kwargs is not kwargs):
+        # a state argument that is not the returned state (a copy) would override the replaced
+        # attribute (snnTorch sets self.mem = mem): the replacement would be silently lost
+        copied = not in_call and _state_like_argument(args[1:], kwargs, n.required)
+        if n.required and (copied or not (found or in_call)):
             raise ValueError(
                 f"model: the state of neuron {n.name!r} ({type(module).__name__}) returned by its "
-                f"call {n.calls} did not come back into call {n.calls + 1}, neither as an argument "
-                "nor as an attribute of the neuron, so it cannot be replaced between steps. Pass "
-                "the state the neuron returned back unchanged (no copy, detach or arithmetic on it "
-                "between calls).")
+                f"call {n.calls} did not come back into call {n.calls + 1}"
+                + (" (a tensor of its shape came instead: a copy?)" if copied else
+                   ", neither as an argument nor as an attribute of the neuron")
+                + ", so it cannot be replaced between steps. Pass the state the neuron returned "
+                "back unchanged (no copy, detach or arithmetic on it between calls).")
         n.required, n.optional = {}, {}
         return new_args, new_kwargs
 
@@ -247,6 +259,22 @@ def _substitute(obj, replace: Replacement):
         items = {k: _substitute(v, replace) for k, v in obj.items()}
         return obj if all(items[k] is obj[k] for k in obj) else items
     return obj
+
+
+def _state_like_argument(args, kwargs, required: Replacement) -> bool:
+    """Whether the call got, besides its input, a tensor shaped like a state to be replaced."""
+    shapes = {(t.shape, t.dtype) for t in required.values()}
+    stack = list(args) + list(kwargs.values())
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if (item.shape, item.dtype) in shapes:
+                return True
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return False
 
 
 def _substitute_attributes(module: nn.Module, replace: Replacement, places: list) -> bool:

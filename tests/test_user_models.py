@@ -1,0 +1,440 @@
+"""The module estimators on models written the way each framework's tutorials write them
+(tests/user_models.py), against values known from mathematics.
+
+Below threshold nothing fires, so every neuron is a linear leaky integrator whose state
+difference between twins evolves by its leak alone: the finite-difference exponent and every
+tangent exponent are ln(leak) of the slowest mode, whatever the weights and inputs
+(snnTorch Leaky ln(beta), RSynaptic ln(max(alpha, beta)), spikingjelly LIF ln(1 - 1/tau),
+norse LIFCell (Euler, dt) ln(max(1 - dt*tau_mem_inv, 1 - dt*tau_syn_inv))). The leak constants
+are read from the built model, never from the estimator.
+"""
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+from torch import nn
+
+import stablespike
+from stablespike import analyze_dynamics, depthwise_gain, finite_difference_lyapunov, tangent_spectrum
+
+import user_models as um
+
+MODELS = ["snntorch_tutorial5", "snntorch_tutorial7_conv", "snntorch_rsynaptic",
+          "spikingjelly_csnn", "norse_lifcell_loop"]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _sj_forward(m, x):
+    """The spikingjelly tutorial's call, with the reset users make between batches."""
+    from spikingjelly.activation_based import functional
+    functional.reset_net(m)
+    return m(x)
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    x: torch.Tensor
+    forward: Optional[Callable]  # None: model(x)
+    batch_dim: int
+    first_weight: nn.Parameter  # the first layer's weights (Linear / Conv2d)
+    n_neurons: int
+
+    @property
+    def kw(self):
+        return {"forward": self.forward, "batch_dim": self.batch_dim}
+
+    def plain(self, model=None):
+        """The plain forward, as the user runs it (fresh initial state)."""
+        model = self.model if model is None else model
+        return (self.forward or (lambda m, x: m(x)))(model, self.x)
+
+
+def make(name, *, T=8, B=3, gain=4.0, below=False, seed=0, **extra) -> Case:
+    """``below``: threshold 1e9 (nothing ever fires); else ``gain`` scales the default weights
+    so that the models spike on their inputs."""
+    g = _gen(100 + seed)
+    wg = 1.0 if below else gain
+    if name == "snntorch_tutorial5":
+        kw = dict(num_inputs=6, num_hidden=10, num_outputs=3, num_steps=T, weight_gain=wg, **extra)
+        m = um.snntorch_tutorial5(threshold=1e9, **kw) if below else um.snntorch_tutorial5(**kw)
+        return Case(m, torch.rand(B, 6, generator=g), None, 0, m.fc1.weight, 2)
+    if name == "snntorch_tutorial7_conv":
+        kw = dict(num_steps=T, in_size=12, weight_gain=wg, **extra)
+        m = um.snntorch_tutorial7_conv(threshold=1e9, **kw) if below else um.snntorch_tutorial7_conv(**kw)
+        x = 2 * torch.rand(T, B, 1, 12, 12, generator=g)
+        return Case(m, x, um.snntorch_tutorial7_forward(T), 1, m[0].weight, 3)
+    if name == "snntorch_rsynaptic":
+        kw = dict(num_inputs=6, weight_gain=wg, **extra)
+        m = um.snntorch_rsynaptic(threshold=1e9, **kw) if below else um.snntorch_rsynaptic(**kw)
+        return Case(m, torch.rand(T, B, 6, generator=g), None, 1, m.fc1.weight, 2)
+    if name == "spikingjelly_csnn":
+        kw = dict(channels=2, in_size=8, weight_gain=wg, **extra)
+        m = um.spikingjelly_csnn(v_threshold=1e9, **kw) if below else um.spikingjelly_csnn(**kw)
+        x = torch.rand(T, B, 1, 8, 8, generator=g)
+        return Case(m, x, _sj_forward, 1, m[0].weight, 3)
+    if name == "norse_lifcell_loop":
+        kw = dict(num_inputs=6, num_hidden=10, num_outputs=3, weight_gain=wg, **extra)
+        m = um.norse_lifcell_loop(v_th=1e9, **kw) if below else um.norse_lifcell_loop(**kw)
+        return Case(m, 20 * torch.rand(T, B, 6, generator=g), None, 1, m.fc1.weight, 2)
+    raise KeyError(name)
+
+
+def leak_exponent(model: nn.Module) -> float:
+    """ln of the slowest per-step decay among the model's neurons, from their own parameters."""
+    import norse.torch as norse
+    import snntorch as snn
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    rates = []
+    for m in model.modules():
+        if isinstance(m, snn.RSynaptic):
+            rates += [float(m.alpha), float(m.beta)]
+        elif isinstance(m, snn.Leaky):
+            rates.append(float(m.beta))
+        elif isinstance(m, sj_neuron.LIFNode):
+            assert m.decay_input and m.v_reset == 0.0  # v' = v + (x - v) / tau
+            rates.append(1.0 - 1.0 / float(m.tau))
+        elif isinstance(m, norse.LIFCell):
+            rates += [1.0 - m.dt * float(m.p.tau_mem_inv), 1.0 - m.dt * float(m.p.tau_syn_inv)]
+    assert rates, "no neuron found"
+    return math.log(max(rates))
+
+
+def assert_outputs_equal(got, want, atol=1e-5):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert torch.allclose(a.detach().float(), b.detach().float(), atol=atol), \
+            f"max difference {float((a.detach().float() - b.detach().float()).abs().max())}"
+
+
+# --- 1. finite difference below threshold: ln(leak) ------------------------------------------
+
+# T and discard: the norse cell's (v, i) and RSynaptic's (syn, mem) are non-normal 2x2 blocks
+# whose transient must pass before the growth is the largest eigenvalue's.
+BELOW = {
+    "snntorch_tutorial5": dict(T=20),
+    "snntorch_tutorial7_conv": dict(T=8),
+    "snntorch_rsynaptic": dict(T=300, discard=50, twin_dtype=torch.float64),
+    "spikingjelly_csnn": dict(T=12),
+    "norse_lifcell_loop": dict(T=100, discard=50),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_below_threshold_exponent_is_ln_leak(name):
+    opts = dict(BELOW[name])
+    case = make(name, T=opts.pop("T"), B=3, below=True)
+    expected = leak_exponent(case.model)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, generator=_gen(1), **case.kw, **opts)
+    assert abs(float(res) - expected) < 0.01, (float(res), expected)
+    assert torch.allclose(res.per_sample.detach(), torch.full((3,), expected, dtype=res.per_sample.dtype),
+                          atol=0.01)
+    assert res.flip_fraction == 0.0
+    T = case.x.shape[0] if case.batch_dim == 1 else case.model.num_steps
+    assert res.steps == T - 1 - opts.get("discard", 0)
+
+
+def test_rsynaptic_exponent_follows_the_slower_of_alpha_and_beta():
+    """ln(max(alpha, beta)) whichever of the two is larger (here beta > alpha; the transient
+    decays like (alpha / beta)^t, fast)."""
+    case = make("snntorch_rsynaptic", T=60, below=True, alpha=0.5, beta=0.85)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, discard=20, generator=_gen(2), **case.kw)
+    assert abs(float(res) - math.log(0.85)) < 0.01
+
+
+def test_norse_exponent_follows_the_synaptic_rate_when_it_is_slower():
+    # tau_syn_inv < tau_mem_inv: the current decays slower than the membrane
+    case = make("norse_lifcell_loop", T=100, below=True, tau_mem_inv=300.0, tau_syn_inv=50.0)
+    expected = math.log(1 - 0.001 * 50.0)
+    assert abs(leak_exponent(case.model) - expected) < 1e-12
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, discard=50, generator=_gen(3), **case.kw)
+    assert abs(float(res) - expected) < 0.01
+
+
+# --- 2. outputs and batch-norm statistics equal a plain forward -------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_equal_plain_forward(name):
+    case = make(name, T=6, B=4)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, generator=_gen(4), **case.kw)
+    with torch.no_grad():
+        want = case.plain()
+    spikes = want[0] if isinstance(want, tuple) else want
+    assert spikes.sum() > 0, "the model should spike on this input"
+    assert_outputs_equal(res.outputs, want)
+
+
+def test_spikingjelly_batchnorm_running_stats_equal_plain_forward_in_training():
+    case = make("spikingjelly_csnn", T=5, B=4)
+    case.model.train()
+    reference = copy.deepcopy(case.model)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, generator=_gen(5), **case.kw)
+    want = case.plain(reference)
+    assert_outputs_equal(res.outputs, want)
+    bns = [m for m in case.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    ref_bns = [m for m in reference.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 2
+    for bn, ref in zip(bns, ref_bns):
+        assert int(ref.num_batches_tracked) == 1
+        assert torch.equal(bn.num_batches_tracked, ref.num_batches_tracked)
+        assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
+        assert torch.allclose(bn.running_var, ref.running_var, atol=1e-6)
+        assert not torch.allclose(ref.running_mean, torch.zeros_like(ref.running_mean))  # it did move
+
+
+# --- 3. large eps: flips reported, gradient reaches the first layer ---------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_large_eps_flips_and_gradient_reaches_first_layer(name):
+    case = make(name, T=8, B=4)
+    case.model.zero_grad()
+    res = finite_difference_lyapunov(case.model, case.x, eps=1.0, generator=_gen(6), **case.kw)
+    assert 0.0 < res.flip_fraction <= 1.0
+    assert res.exponent.requires_grad
+    res.exponent.backward()
+    grad = case.first_weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert grad.abs().sum() > 0
+    if name == "spikingjelly_csnn":  # the path goes through the batch norm after the first conv
+        bn = case.model[1]
+        assert bn.weight.grad is not None and torch.isfinite(bn.weight.grad).all()
+        assert bn.weight.grad.abs().sum() > 0
+
+
+# --- 4. tangent spectrum below threshold, each framework's own surrogate ----------------------
+
+# The 2x2 blocks' transient decays like (smaller / larger decay)^t: with the defaults (0.8 / 0.9)
+# it needs T ~ 300 for 1e-3; a faster second mode (0.5) lets T = 30 reach it. The top exponent
+# is still the larger decay, read from the model.
+TANGENT = {
+    "snntorch_tutorial5": dict(T=8, k=3, discard=0),
+    "snntorch_tutorial7_conv": dict(T=6, k=2, discard=0),
+    "snntorch_rsynaptic": dict(T=30, k=2, discard=10, build=dict(alpha=0.9, beta=0.5)),
+    "spikingjelly_csnn": dict(T=6, k=3, discard=0),
+    "norse_lifcell_loop": dict(T=30, k=2, discard=10, build=dict(tau_syn_inv=500.0)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tangent_spectrum_below_threshold_is_ln_leak(name):
+    opts = dict(TANGENT[name])
+    case = make(name, T=opts.pop("T"), B=2, below=True, **opts.pop("build", {}))
+    expected = leak_exponent(case.model)
+    res = tangent_spectrum(case.model, case.x, generator=_gen(7), **case.kw, **opts)
+    assert res.exponents.shape == (opts["k"],)
+    assert res.per_sample.shape == (2, opts["k"])
+    assert torch.allclose(res.exponents.detach().double(), torch.full((opts["k"],), expected, dtype=torch.float64),
+                          atol=1e-3), (res.exponents, expected)
+    assert (res.exponents[:-1] >= res.exponents[1:]).all()
+
+
+# --- 5. depth-wise gain ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_depthwise_gain_has_one_entry_per_layer_pair(name):
+    case = make(name, T=5, B=2)
+    res = depthwise_gain(case.model, case.x, generator=_gen(8), **case.kw)
+    assert res.per_layer.shape == (case.n_neurons - 1,)
+    assert torch.isfinite(res.per_layer).all()
+    assert res.per_sample.shape == (2, case.n_neurons - 1)
+    assert math.isfinite(res.mean)
+    assert abs(res.mean - float(res.per_layer.detach().mean())) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["snntorch_tutorial5", "spikingjelly_csnn", "norse_lifcell_loop"])
+def test_analyze_dynamics_below_threshold(name):
+    norse = name == "norse_lifcell_loop"
+    case = make(name, T=30 if norse else 8, B=2, below=True,
+                **(dict(tau_syn_inv=500.0) if norse else {}))
+    expected = leak_exponent(case.model)
+    report = analyze_dynamics(case.model, case.x, eps=1e-2, k=2, depth=True, discard=10 if norse else 0,
+                              generator=_gen(9), **case.kw)
+    assert abs(float(report.finite_difference) - expected) < 0.01
+    assert torch.allclose(report.tangent.exponents.double(), torch.full((2,), expected, dtype=torch.float64),
+                          atol=1e-3)
+    assert report.depth.per_layer.shape == (case.n_neurons - 1,)
+    assert not report.tangent.exponents.requires_grad  # "no gradients are kept"
+
+
+# --- 6. estimating a fraction of the batch -----------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fraction_estimates_a_quarter_and_returns_all_outputs(name):
+    case = make(name, T=5, B=8)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, fraction=0.25, generator=_gen(10), **case.kw)
+    assert res.per_sample.shape == (2,)
+    assert res.sample_index.shape == (2,)
+    assert len(set(res.sample_index.tolist())) == 2
+    assert all(0 <= int(i) < 8 for i in res.sample_index)
+    with torch.no_grad():
+        want = case.plain()
+    assert_outputs_equal(res.outputs, want)  # shapes included: all 8 samples
+
+
+# --- 7. bad input: ValueError naming what was expected and what came ---------------------------
+
+def test_model_without_neurons_names_register_neuron():
+    with pytest.raises(ValueError, match="register_neuron") as info:
+        finite_difference_lyapunov(nn.Linear(3, 3), torch.rand(4, 2, 3))
+    assert "Linear" in str(info.value)
+
+
+@pytest.mark.parametrize("batch_dim", [5, -4])
+def test_batch_dim_out_of_range(batch_dim):
+    case = make("snntorch_rsynaptic", T=4)
+    with pytest.raises(ValueError, match="batch_dim") as info:
+        finite_difference_lyapunov(case.model, case.x, batch_dim=batch_dim)
+    assert str(batch_dim) in str(info.value) and "(4, 3, 6)" in str(info.value)
+
+
+def test_batch_dim_on_time_axis_gives_wrong_row_count():
+    # (T, B, D) with batch_dim=0: the neurons see B rows, not the 2T rows of samples and twins
+    case = make("snntorch_rsynaptic", T=4, B=3)
+    with pytest.raises(ValueError, match="batch_dim") as info:
+        finite_difference_lyapunov(case.model, case.x, batch_dim=0)
+    assert "expected 8 rows" in str(info.value)
+
+
+def test_batch_dim_on_feature_axis_of_static_input():
+    case = make("snntorch_tutorial5", T=4, B=3)  # x (B, D), samples along 0
+    with pytest.raises(ValueError, match="batch_dim"):
+        finite_difference_lyapunov(case.model, case.x, batch_dim=1)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda m, x: {"spk": m(x)[0]},
+    lambda m, x: str(m(x)[0].shape),
+    lambda m, x: [m(x)[0], 3],
+], ids=["dict", "str", "list-with-int"])
+def test_forward_returning_non_tensors(bad):
+    case = make("snntorch_rsynaptic", T=4)
+    with pytest.raises(ValueError, match="forward") as info:
+        finite_difference_lyapunov(case.model, case.x, forward=bad)
+    assert "tensor" in str(info.value)
+
+
+class _CloningLoop(nn.Module):
+    """snnTorch explicit loop that breaks the state chain: a copy of mem goes back in."""
+
+    def __init__(self):
+        super().__init__()
+        import snntorch as snn
+        self.fc = nn.Linear(4, 6)
+        self.lif = snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        mem = self.lif.init_leaky()
+        out = []
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            mem = mem.clone()
+            out.append(spk)
+        return torch.stack(out)
+
+
+def test_state_chain_broken_by_clone_is_an_error():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="did not come back"):
+        finite_difference_lyapunov(_CloningLoop(), torch.rand(8, 3, 4), eps=1e-2)
+
+
+class _CloningCustom(nn.Module):
+    """The same break with a neuron that keeps no attribute copy of its state."""
+
+    def __init__(self, lif):
+        super().__init__()
+        self.fc, self.lif = nn.Linear(4, 6), lif
+
+    def forward(self, x):
+        mem = torch.zeros(x.shape[1], 6)
+        out = []
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            mem = mem.clone()
+            out.append(spk)
+        return torch.stack(out)
+
+
+# --- 8. a registered plain-torch neuron --------------------------------------------------------
+
+class MyLIF(nn.Module):
+    def __init__(self, beta, threshold=1.0):
+        super().__init__()
+        self.beta, self.threshold = beta, threshold
+
+    def forward(self, x, mem):
+        mem = self.beta * mem + x
+        spk = (mem > self.threshold).float()
+        return spk, mem - spk * self.threshold
+
+
+class _TwoMyLIF(nn.Module):
+    def __init__(self, beta1, beta2, threshold=1.0):
+        super().__init__()
+        self.fc1, self.lif1 = nn.Linear(4, 6), MyLIF(beta1, threshold)
+        self.fc2, self.lif2 = nn.Linear(6, 5), MyLIF(beta2, threshold)
+
+    def forward(self, x):
+        mem1 = torch.zeros(x.shape[1], 6)
+        mem2 = torch.zeros(x.shape[1], 5)
+        out = []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+
+@pytest.fixture
+def my_lif():
+    stablespike.register_neuron(MyLIF, membrane=lambda m, out: out[1])
+    try:
+        yield MyLIF
+    finally:
+        stablespike.neurons.DEFAULT_REGISTRY.unregister(MyLIF)
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.6])
+def test_registered_neuron_below_threshold_gives_ln_beta(my_lif, beta):
+    torch.manual_seed(0)
+    model = _TwoMyLIF(beta, beta, threshold=1e9)
+    x = torch.rand(20, 3, 4)
+    res = finite_difference_lyapunov(model, x, eps=1e-2, generator=_gen(11))
+    assert abs(float(res) - math.log(beta)) < 0.01
+    assert res.flip_fraction == 0.0
+    assert_outputs_equal(res.outputs, model(x))
+
+
+def test_registered_neuron_layers_choose_whose_leak_is_measured(my_lif):
+    """Two layers with leaks 0.6 and 0.9: jointly the slower (0.9) wins; layer 0 alone is 0.6;
+    layer 1 alone is 0.9 (nothing fires, so layer 0's twins never reach layer 1)."""
+    torch.manual_seed(0)
+    model = _TwoMyLIF(0.6, 0.9, threshold=1e9)
+    x = torch.rand(60, 3, 4)
+    both = finite_difference_lyapunov(model, x, eps=1e-2, discard=10, generator=_gen(12))
+    first = finite_difference_lyapunov(model, x, eps=1e-2, layers=[0], generator=_gen(12))
+    last = finite_difference_lyapunov(model, x, eps=1e-2, layers=[-1], generator=_gen(12))
+    assert abs(float(both) - math.log(0.9)) < 0.01
+    assert abs(float(first) - math.log(0.6)) < 0.01
+    assert abs(float(last) - math.log(0.9)) < 0.01
+
+
+def test_registered_neuron_state_chain_broken_by_clone_is_an_error(my_lif):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="did not come back"):
+        finite_difference_lyapunov(_CloningCustom(MyLIF(0.9)), torch.rand(8, 3, 4), eps=1e-2)
+
+
+def test_unregistered_neuron_is_not_a_neuron():
+    with pytest.raises(ValueError, match="register_neuron"):
+        finite_difference_lyapunov(_TwoMyLIF(0.9, 0.9), torch.rand(5, 3, 4))
