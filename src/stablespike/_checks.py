@@ -28,7 +28,7 @@ def check_tensor(x, name: str, *, ndims: Sequence[int], layout: str) -> torch.Te
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor {layout}, got {describe(x)}")
-    if x.dim() not in tuple(ndims):
+    if not any(x.dim() == n for n in ndims):
         raise ValueError(
             f"{name}: expected a {' or '.join(f'{n}-D' for n in ndims)} tensor {layout}, "
             f"got {describe(x)}"

@@ -114,6 +114,8 @@ class NeuronRun:
                 try:
                     out = forward(self.model, x)
                 except RuntimeError as e:  # e.g. a layer that got the samples' copies along features
+                    if torch.compiler.is_compiling() or type(e).__module__.startswith("torch._"):
+                        raise  # torch.compile's own errors pass through
                     raise ValueError(
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
                         f"appended to its {self.nominal} samples along batch_dim ({e}); if "
@@ -128,6 +130,7 @@ class NeuronRun:
                 n.module.__dict__.pop("forward", None) if _is_stepwise(n.module) else None
                 _keep_rows(n.module, RowLayout(self.nominal, self.rows))
 
+    @torch.compiler.disable  # bookkeeping by identity: run eagerly, a graph break per call
     def _before_call(self, n: Neuron, module, args, kwargs):
         if n.group is None or n.calls == 0:
             return None
@@ -152,6 +155,7 @@ class NeuronRun:
         n.required, n.optional = {}, {}
         return new_args, new_kwargs
 
+    @torch.compiler.disable
     def _after_call(self, n: Neuron, module, args, output):
         self.record(n, output)
         return self.wrap_output(output)
@@ -219,6 +223,7 @@ def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
         raise ValueError(f"model: multi-step neuron {n.name!r} ({type(module).__name__}) cannot be "
                          "run one step at a time (its adapter has no single_step)")
 
+    @torch.compiler.disable
     def stepwise_forward(x_seq, *args, **kwargs):
         if getattr(module, "store_v_seq", False):
             module.v_seq = None  # collected afresh for this sequence, as a multi-step call does
