@@ -31,21 +31,21 @@ def estimate_seed_models(seed: int) -> None:
     print("   larger perturbations flip spikes, and the finite-size exponent grows with eps.")
     g = torch.Generator().manual_seed(seed)
     x, _ = prototypes_task(32, 64, 10, 20, g)
-    x_tf = x.transpose(0, 1)  # (T, B, D): the library is time-first
     torch.manual_seed(seed)
-    models = {
-        "SpikingMLP 64-128x4-10 (LyapunovSNN)": (SpikingMLP(64, [128] * 4, 10, threshold=0.5), x_tf),
-        "RecurrentSpikingMLP 64-128x2-10": (RecurrentSpikingMLP(64, [128, 128], 10), x_tf),
+    models = {  # (model, input, the dimension of the input that indexes samples)
+        "SpikingMLP 64-128x4-10 (LyapunovSNN)": (SpikingMLP(64, [128] * 4, 10, threshold=0.5), x, 0),
+        "RecurrentSpikingMLP 64-128x2-10": (RecurrentSpikingMLP(64, [128, 128], 10), x, 0),
         "SpikingVGG 3x1 blocks, 1x8x8 images": (
             SpikingVGG(1, 10, base_channels=16, num_stages=3, blocks_per_stage=1, input_size=8),
-            x_tf.reshape(20, 32, 1, 8, 8)),
+            x.transpose(0, 1).reshape(20, 32, 1, 8, 8), 1),  # a time-first image sequence
     }
     print(f"  {'model':<38} {'eps':>6} {'lambda':>8} {'+-':>6} {'flips':>6} {'time':>6}")
-    for name, (model, inp) in models.items():
+    for name, (model, inp, batch_dim) in models.items():
         for eps in (1e-4, 1e-2, 1e-1):
             t0 = time.perf_counter()
             with torch.no_grad():
-                res = finite_difference_lyapunov(model.eval(), inp, eps=eps, twin_dtype=torch.float64,
+                res = finite_difference_lyapunov(model.eval(), inp, batch_dim=batch_dim, eps=eps,
+                                                  twin_dtype=torch.float64,
                                                   generator=torch.Generator().manual_seed(seed))
             print(f"  {name:<38} {eps:>6g} {float(res):+8.4f} {float(res.per_sample.std()):6.3f} "
                   f"{res.flip_fraction:6.1%} {time.perf_counter() - t0:5.2f}s")

@@ -438,3 +438,25 @@ def test_registered_neuron_state_chain_broken_by_clone_is_an_error(my_lif):
 def test_unregistered_neuron_is_not_a_neuron():
     with pytest.raises(ValueError, match="register_neuron"):
         finite_difference_lyapunov(_TwoMyLIF(0.9, 0.9), torch.rand(5, 3, 4))
+
+
+# --- 9. diagnostics attached during an estimate count the samples only --------------------------
+
+@pytest.mark.parametrize("name", ["snntorch_tutorial5", "spikingjelly_csnn", "norse_lifcell_loop"])
+def test_a_firing_rate_monitor_sees_the_samples_only_during_an_estimate(name):
+    """A monitor hooked into the user's model while an estimate runs on it counts what a plain
+    forward on the samples counts (the twin rows are left out through stablespike.context)."""
+    from stablespike import FiringRateMonitor
+    case = make(name, T=6, B=4)
+    forward = case.forward or (lambda m, x: m(x))
+    plain_model = copy.deepcopy(case.model)
+    with FiringRateMonitor(plain_model) as plain:
+        forward(plain_model, case.x)
+        expected = plain.rates()
+    with FiringRateMonitor(case.model) as during:
+        finite_difference_lyapunov(case.model, case.x, forward=case.forward, batch_dim=case.batch_dim,
+                                   eps=1.0, fraction=0.5)
+        got = during.rates()
+    assert expected.keys() == got.keys() and any(float(r.sum()) > 0 for r in expected.values())
+    for layer in expected:
+        assert torch.allclose(got[layer], expected[layer], atol=1e-6), layer

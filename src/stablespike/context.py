@@ -40,18 +40,19 @@ def twin_rows(nominal: int, total: int) -> Iterator[RowLayout]:
         _ACTIVE.reset(token)
 
 
-def nominal_rows(h, layout: Optional[RowLayout] = None):
+def nominal_rows(h, layout: Optional[RowLayout] = None, time_first: Optional[bool] = None):
     """``h`` without the twin rows of ``layout`` (default: the estimate running now).
 
-    A tensor whose first dimension has ``total`` rows, ``(B + K, ...)``, keeps its first
-    ``nominal``; a time-first ``(T, B + K, ...)`` tensor keeps ``[:, :nominal]``. Anything else
-    (parameters, other shapes, non-tensors) passes unchanged.
+    ``time_first=False``: ``h`` is ``(B + K, ...)`` and keeps its first ``nominal`` rows;
+    ``True``: ``h`` is ``(T, B + K, ...)`` and keeps ``[:, :nominal]``; None (layout unknown):
+    the first of the two dimensions that has ``total`` rows. Anything else (parameters, other
+    shapes, non-tensors) passes unchanged.
     """
     layout = layout or _ACTIVE.get()
     if layout is None or not isinstance(h, torch.Tensor) or h.dim() == 0:
         return h
-    if h.shape[0] == layout.total:
+    if time_first is not True and h.shape[0] == layout.total:
         return h[: layout.nominal]
-    if h.dim() > 1 and h.shape[1] == layout.total:
+    if time_first is not False and h.dim() > 1 and h.shape[1] == layout.total:
         return h[:, : layout.nominal]
     return h

@@ -129,6 +129,18 @@ class BaseMonitor:
         self.hooks.append(handle)
 
 
+def multistep(layer: Layer, output) -> Optional[bool]:
+    """Whether the layer's tensors are time-first ``(T, B, ...)``; None when it is no neuron."""
+    return bool(layer.adapter.multistep(layer.module, output)) if layer.adapter else None
+
+
+def membrane_time_first(layer: Layer, output, membrane: torch.Tensor) -> bool:
+    """A multi-step neuron's membrane is a sequence (spikingjelly's ``v_seq``) when it has the
+    spikes' rank, else its last step (``v``)."""
+    spikes = layer.adapter.spikes(layer.module, output)
+    return bool(layer.adapter.multistep(layer.module, output)) and membrane.dim() == spikes.dim()
+
+
 class OutputMonitor(BaseMonitor):
     """Records ``function_on_output(spikes)`` of each monitored neuron (its raw output otherwise)."""
 
@@ -142,7 +154,8 @@ class OutputMonitor(BaseMonitor):
 
     def _on_output(self, layer: Layer, inputs, output) -> None:
         value = layer.adapter.spikes(layer.module, output) if layer.adapter else _unpack_len1(output)
-        self._record(layer.name, self.function_on_output(self._prepare(nominal_rows(value))))
+        self._record(layer.name, self.function_on_output(self._prepare(
+            nominal_rows(value, time_first=multistep(layer, output)))))
 
 
 class InputMonitor(BaseMonitor):
@@ -159,7 +172,8 @@ class InputMonitor(BaseMonitor):
 
     def _on_input(self, layer: Layer, inputs) -> None:
         value = inputs[0] if layer.adapter and inputs else _unpack_len1(inputs)
-        self._record(layer.name, self.function_on_input(self._prepare(nominal_rows(value))))
+        self._record(layer.name, self.function_on_input(self._prepare(
+            nominal_rows(value, time_first=multistep(layer, None)))))
 
 
 class AttributeMonitor(BaseMonitor):
@@ -210,12 +224,14 @@ class _GradMonitor(BaseMonitor):
                 self._add(layer.module.register_forward_hook(self._hook(_GradMonitor._watch_output, layer)))
 
     def _watch_input(self, layer: Layer, inputs) -> None:
-        self._watch(layer, inputs[0] if layer.adapter and inputs else _unpack_len1(inputs))
+        self._watch(layer, inputs[0] if layer.adapter and inputs else _unpack_len1(inputs),
+                    multistep(layer, None))
 
     def _watch_output(self, layer: Layer, inputs, output) -> None:
-        self._watch(layer, layer.adapter.spikes(layer.module, output) if layer.adapter else _unpack_len1(output))
+        self._watch(layer, layer.adapter.spikes(layer.module, output) if layer.adapter else _unpack_len1(output),
+                    multistep(layer, output))
 
-    def _watch(self, layer: Layer, tensor) -> None:
+    def _watch(self, layer: Layer, tensor, time_first: Optional[bool] = None) -> None:
         if not (isinstance(tensor, torch.Tensor) and tensor.requires_grad):
             return
         rows, ref = active_rows(), weakref.ref(self)
@@ -223,7 +239,7 @@ class _GradMonitor(BaseMonitor):
         def on_grad(grad):
             monitor = ref()
             if monitor is not None and monitor._enable:
-                monitor._on_grad(layer.name, nominal_rows(grad, rows))
+                monitor._on_grad(layer.name, nominal_rows(grad, rows, time_first))
         tensor.register_hook(on_grad)
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:

@@ -317,12 +317,12 @@ def _keep_rows(module: nn.Module, layout: RowLayout) -> None:
     for key, value in list(vars(module).items()):
         if key in fixed:
             continue
-        if isinstance(value, torch.Tensor):
-            setattr(module, key, nominal_rows(value, layout))
+        if isinstance(value, torch.Tensor):  # spikingjelly's ``v_seq`` is (T, B, ...)
+            setattr(module, key, nominal_rows(value, layout, time_first=key.endswith("_seq")))
         elif isinstance(value, dict):
             for k, v in list(value.items()):
                 if isinstance(v, torch.Tensor) and k not in fixed:
-                    value[k] = nominal_rows(v, layout)
+                    value[k] = nominal_rows(v, layout, time_first=k.endswith("_seq"))
 
 
 def cast_floats(obj, dtype: torch.dtype):

@@ -30,7 +30,7 @@ from torch import nn
 from .distributed import merge_across_ranks, should_sync
 from ._checks import user_stacklevel
 from .context import nominal_rows
-from .monitor import BaseMonitor, _GradMonitor, _identity
+from .monitor import BaseMonitor, _GradMonitor, _identity, membrane_time_first
 from .neurons import InstanceSpec, Layer, NeuronRegistry
 from .rules import Pathology, Severity, Thresholds, activity_rules, gradient_explosion, gradient_vanishing
 from .stats import FiringRate, GradNorm, MembraneStats
@@ -325,10 +325,10 @@ class _ProfilerHooks(BaseMonitor):
         self.grads.watch_step(layer, inputs)
         rec = self.profiler._layers.get(layer.name) or self.profiler._layers.setdefault(layer.name, _LayerRecord())
         multi = layer.adapter.multistep(layer.module, output)
-        rec.rate.update(nominal_rows(layer.adapter.spikes(layer.module, output)), multi)
+        rec.rate.update(nominal_rows(layer.adapter.spikes(layer.module, output), time_first=multi), multi)
         v = layer.adapter.membrane(layer.module, output)
         if v is not None:
-            v = nominal_rows(v)
+            v = nominal_rows(v, time_first=membrane_time_first(layer, output, v))
             rec.membrane.update(v, multi)
             rec.voltage_steps += v.shape[0] if multi else 1
 

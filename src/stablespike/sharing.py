@@ -4,8 +4,8 @@ While a Lyapunov estimate runs a model on a batch of ``B`` samples followed by `
 :func:`shared_across_twins` makes, for the duration of the run,
 
 * every ``nn.BatchNorm*`` (spikingjelly's step-mode subclasses included) normalize all rows with
-  the batch statistics of the ``B`` samples, and update its running statistics from them only,
-  as a plain forward on the ``B`` samples would;
+  the batch statistics of the ``B`` samples and update its running statistics from them only:
+  the samples run through the module's own forward, exactly as in a plain forward on them;
 * every ``nn.Dropout``, ``Dropout1d/2d/3d`` draw its mask for the samples and give each twin the
   mask of its sample; spikingjelly's ``layer.Dropout`` likewise (its mask is kept per sequence).
 
@@ -69,33 +69,30 @@ def _extend_blocks(nominal: torch.Tensor, rows: TwinRows) -> torch.Tensor:
 
 
 def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
-    plain = type(bn).forward
+    """The samples through the module's own batch norm (their statistics, running statistics
+    updated as by a plain forward); each twin as its sample's output plus its difference from its
+    sample times ``weight / std`` of the samples' statistics."""
     uses_batch = bn.training or bn.running_mean is None
     multistep = getattr(bn, "step_mode", "s") == "m"  # spikingjelly: (T, N, C, ...)
     flat = x.flatten(0, 1) if multistep else x
     blocks = _blocks(flat, rows)
     if not uses_batch or blocks is None:
-        return plain(bn, x)
-    nominal = blocks[:, : rows.batch]  # (m, B, C, ...)
-    dims = [0, 1] + list(range(3, nominal.dim()))
-    var, mean = torch.var_mean(nominal, dim=dims, unbiased=False)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        _update_running_stats(bn, mean, var, nominal.numel() // nominal.shape[2])
-    shape = (1, -1) + (1,) * (flat.dim() - 2)
-    y = (flat - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
-    if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    return y.unflatten(0, x.shape[:2]) if multistep else y
+        return type(bn).forward(bn, x)
+    nominal = blocks[:, : rows.batch].flatten(0, 1)  # (m * B, C, ...)
+    own = nn.modules.batchnorm._BatchNorm.forward if multistep else type(bn).forward
+    y = own(bn, nominal).unflatten(0, (blocks.shape[0], rows.batch))  # (m, B, C, ...)
+    var = torch.var(nominal, dim=[0] + list(range(2, nominal.dim())), unbiased=False)
+    scale = torch.rsqrt(var + bn.eps) * (bn.weight if bn.affine else 1.0)
+    shape = (1, 1, -1) + (1,) * (nominal.dim() - 2)
+    twins = blocks[:, rows.batch:]
+    y_twins = _partner_blocks(y, rows) + (twins - _partner_blocks(blocks, rows)) * scale.view(shape)
+    out = torch.cat([y, y_twins], dim=1).flatten(0, 1)
+    return out.unflatten(0, x.shape[:2]) if multistep else out
 
 
-@torch.no_grad()
-def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """As ``nn.BatchNorm`` does: exponential (or cumulative) average, unbiased variance."""
-    bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-    unbiased = var.detach() * (n / max(n - 1, 1))
-    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+def _partner_blocks(blocks: torch.Tensor, rows: TwinRows) -> torch.Tensor:
+    """``(m, B [+ K], ...) -> (m, K, ...)``: each twin's sample."""
+    return blocks[:, : rows.batch] if rows.all_rows else blocks.index_select(1, rows.index.to(blocks.device))
 
 
 def _dropout(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:

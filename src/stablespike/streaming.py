@@ -14,7 +14,7 @@ from torch import nn
 
 from .distributed import merge_across_ranks, should_sync
 from .context import nominal_rows
-from .monitor import BaseMonitor, _GradMonitor, _identity
+from .monitor import BaseMonitor, _GradMonitor, _identity, membrane_time_first
 from .neurons import InstanceSpec, Layer, NeuronRegistry
 from .stats import FiringRate, GradNorm, MembraneStats
 
@@ -73,7 +73,8 @@ class FiringRateMonitor(_StreamingMixin, BaseMonitor):
             self._add(layer.module.register_forward_hook(self._hook(FiringRateMonitor._on_output, layer)))
 
     def _on_output(self, layer: Layer, inputs, output) -> None:
-        spikes = nominal_rows(layer.adapter.spikes(layer.module, output))
+        spikes = nominal_rows(layer.adapter.spikes(layer.module, output),
+                              time_first=layer.adapter.multistep(layer.module, output))
         self.stats[layer.name].update(spikes, layer.adapter.multistep(layer.module, output))
 
     def rates(self, sync: Optional[bool] = None) -> Dict[str, torch.Tensor]:
@@ -115,7 +116,8 @@ class MembraneMonitor(_StreamingMixin, BaseMonitor):
             raise ValueError(
                 f"MembraneMonitor: layer {layer.name!r} ({type(layer.module).__name__}) exposes no "
                 "membrane potential in its output or attributes")
-        self.stats[layer.name].update(nominal_rows(membrane), layer.adapter.multistep(layer.module, output))
+        rows = nominal_rows(membrane, time_first=membrane_time_first(layer, output, membrane))
+        self.stats[layer.name].update(rows, layer.adapter.multistep(layer.module, output))
 
 
 class GradNormMonitor(_StreamingMixin, _GradMonitor):
