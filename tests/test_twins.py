@@ -58,3 +58,11 @@ def test_the_estimate_records_the_distance_before_and_puts_twins_at_eps():
     assert torch.allclose(new_a[2], torch.tensor([1.0, 1.0]) + 0.5 / math.sqrt(2) * torch.tensor([0.6, 0.8]))
     assert torch.equal(new_b[2], b[2])
     assert float(est._sq[0][0]) == 25.0 and float(est._sq[0][1]) == 0.0
+
+
+def test_the_inverse_std_node_equals_plain_operations():
+    from stablespike.sharing import _InverseStd
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    plain = torch.rsqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
+    assert torch.allclose(_InverseStd.apply(x, 1e-5), plain)
+    assert torch.autograd.gradcheck(lambda t: _InverseStd.apply(t, 1e-5), (x,))
