@@ -92,7 +92,7 @@ def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Te
 class _InverseStd(torch.autograd.Function):
     """``1 / sqrt(var + eps)`` per channel of ``x`` ``(N, C, ...)`` (biased variance over all but
     the channels), the statistic batch norm divides by. One node with its derivative
-    ``-invstd^3 (x - mean) / n`` written out: as plain operations (mean, subtract, square, mean
+    ``-invstd^3 (x - mean) / n`` written out (both modes): as plain operations (mean, subtract, square, mean
     and their backward) it was ~10 passes over the batch per call, a third of a regularized VGG
     step's extra cost; this is two passes each way."""
 
@@ -102,7 +102,14 @@ class _InverseStd(torch.autograd.Function):
         mean = x.mean(dim=dims, keepdim=True)
         invstd = torch.rsqrt((x - mean).square().mean(dim=dims) + eps)
         ctx.save_for_backward(x, mean, invstd)
+        ctx.save_for_forward(x, mean, invstd)
         return invstd
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor, _eps_tangent):  # the tangent spectrum runs forward mode
+        x, mean, invstd = ctx.saved_tensors
+        dims = [0] + list(range(2, x.dim()))
+        return -invstd.pow(3) * ((x - mean) * x_tangent).mean(dim=dims)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
