@@ -66,3 +66,25 @@ def test_the_inverse_std_node_equals_plain_operations():
     plain = torch.rsqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
     assert torch.allclose(_InverseStd.apply(x, 1e-5), plain)
     assert torch.autograd.gradcheck(lambda t: _InverseStd.apply(t, 1e-5), (x,), check_forward_ad=True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_shared_batch_norm_node_equals_plain_operations(affine):
+    """All rows normalized with the statistics of the first 3 of each block of 5."""
+    from stablespike.sharing import _SharedBatchNorm
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True) if affine else None
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True) if affine else None
+    nominal = blocks[:, :3]
+    mean = nominal.mean(dim=(0, 1, 3), keepdim=True)
+    var = (nominal - mean).square().mean(dim=(0, 1, 3), keepdim=True)
+    plain = (blocks - mean) / torch.sqrt(var + 1e-5)
+    if affine:
+        plain = plain * w.view(1, 1, 3, 1) + b.view(1, 1, 3, 1)
+    out = _SharedBatchNorm.apply(blocks, w, b, 3, 1e-5)[0]
+    assert torch.allclose(out, plain, atol=1e-10)
+    inputs = (blocks, w, b) if affine else (blocks,)
+    fn = (lambda x, ww, bb: _SharedBatchNorm.apply(x, ww, bb, 3, 1e-5)[0]) if affine else \
+        (lambda x: _SharedBatchNorm.apply(x, None, None, 3, 1e-5)[0])
+    assert torch.autograd.gradcheck(fn, inputs)
