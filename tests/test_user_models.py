@@ -460,3 +460,35 @@ def test_a_firing_rate_monitor_sees_the_samples_only_during_an_estimate(name):
     assert expected.keys() == got.keys() and any(float(r.sum()) > 0 for r in expected.values())
     for layer in expected:
         assert torch.allclose(got[layer], expected[layer], atol=1e-6), layer
+
+
+# --- 10. norse sequence modules (a whole sequence per call) ---------------------------------------
+
+class _NorseSequenceNet(nn.Module):
+    """norse's ``LIF`` modules over a time-first sequence, as norse's examples chain them."""
+
+    def __init__(self, v_th: float):
+        super().__init__()
+        import norse.torch as norse
+        p = norse.LIFParameters(v_th=torch.as_tensor(v_th))
+        self.fc1, self.lif1 = nn.Linear(6, 10), norse.LIF(p)
+        self.fc2, self.lif2 = nn.Linear(10, 4), norse.LIF(p)
+
+    def forward(self, x):  # (T, B, 6)
+        z, _ = self.lif1(self.fc1(x))
+        z, _ = self.lif2(self.fc2(z))
+        return z
+
+
+def test_norse_sequence_modules_give_the_leak_and_the_plain_outputs():
+    pytest.importorskip("norse")
+    torch.manual_seed(0)
+    net = _NorseSequenceNet(v_th=1e9)
+    x = 20 * torch.rand(80, 3, 6, generator=_gen(7))
+    p = net.lif1.p
+    expected = math.log(max(1 - net.lif1.dt * float(p.tau_mem_inv), 1 - net.lif1.dt * float(p.tau_syn_inv)))
+    res = finite_difference_lyapunov(net, x, eps=1e-2, discard=40)
+    assert abs(float(res) - expected) < 0.01 and res.renorm == "per_layer"
+    assert torch.equal(res.outputs, net(x))
+    spectrum = tangent_spectrum(net, x, k=2, discard=40)
+    assert torch.allclose(spectrum.exponents, torch.full((2,), expected), atol=1e-3)

@@ -219,26 +219,35 @@ class NeuronRun:
 # --- multi-step neurons: one step at a time ---------------------------------------------------
 def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
     module, adapter = n.module, n.layer.adapter
-    if adapter.single_step is None:
+    if adapter.single_step is None and adapter.step_state is None:
         raise ValueError(f"model: multi-step neuron {n.name!r} ({type(module).__name__}) cannot be "
-                         "run one step at a time (its adapter has no single_step)")
+                         "run one step at a time (its adapter has neither single_step nor step_state)")
 
     @torch.compiler.disable
     def stepwise_forward(x_seq, *args, **kwargs):
         if getattr(module, "store_v_seq", False):
             module.v_seq = None  # collected afresh for this sequence, as a multi-step call does
+        state = args[0] if args else kwargs.get("state")  # norse: (input, state=None)
         outputs = []
         for t in range(x_seq.shape[0]):
             if n.group is not None and n.calls > 0:
                 run.prepare(n)
+                if adapter.step_state is not None:
+                    state = _substitute(state, n.required)
                 for name, s in n.state.items():
-                    if id(s) in n.required:
+                    if id(s) in n.required and adapter.step_state is None:
                         setattr(module, name, n.required[id(s)])
                 n.required, n.optional = {}, {}
-            y = adapter.single_step(module, run.step_input(n, x_seq[t]))
-            run.record(n, y)
+            x_t = run.step_input(n, x_seq[t])
+            if adapter.step_state is not None:
+                y, state = adapter.step_state(module, x_t, state)
+                run.record(n, (y, state))
+            else:
+                y = adapter.single_step(module, x_t)
+                run.record(n, y)
             outputs.append(run.wrap_output(y))
-        return torch.stack(outputs)
+        out = torch.stack(outputs)
+        return out if adapter.step_state is None else (out, state)
 
     module.__dict__["forward"] = stepwise_forward  # an instance attribute: hooks still run
 

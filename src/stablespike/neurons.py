@@ -43,7 +43,9 @@ class NeuronAdapter:
     ``state(module, output) -> {name: Tensor}``: the continuous state after a call (membrane,
     synaptic currents; never spikes), which the Lyapunov twins perturb and renormalize;
     ``single_step(module, x_t) -> output``: for multi-step types, one step on ``x_t (B, ...)``
-    with the state kept in the module (the twin engine renormalizes between steps).
+    with the state kept in the module (the twin engine renormalizes between steps);
+    ``step_state(module, x_t, state) -> (out_t, state)``: the same for multi-step types whose
+    state is passed and returned (norse's sequence modules).
     """
 
     framework: str
@@ -56,6 +58,7 @@ class NeuronAdapter:
     decay: Callable[[nn.Module], Optional[float]] = lambda m: None
     state: Optional[Callable[[nn.Module, Any], Dict[str, torch.Tensor]]] = None
     single_step: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None
+    step_state: Optional[Callable[[nn.Module, torch.Tensor, Any], Tuple[torch.Tensor, Any]]] = None
 
     def continuous_state(self, module: nn.Module, output) -> Dict[str, torch.Tensor]:
         """The continuous state after a call; by default the membrane, named ``membrane``."""
@@ -164,8 +167,13 @@ def _norse_adapter() -> Optional[NeuronAdapter]:
         fields = getattr(st, "_fields", ())
         return _tensors((f, getattr(st, f)) for f in fields if f != "z")
 
+    def step_state(module, x_t, st):  # a sequence module's own forward on a one-step sequence
+        out, st = type(module).forward(module, x_t.unsqueeze(0), st)
+        return out[0], st
+
     return NeuronAdapter("norse", cells + seqs, lambda m, out: _first(out), membrane,
-                         lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay, state)
+                         lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay, state,
+                         step_state=step_state)
 
 
 def _optional(module_name: str):
