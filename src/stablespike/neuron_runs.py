@@ -24,6 +24,7 @@ layers are then handled each on its own.
 """
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -62,7 +63,7 @@ class Neuron:
         return bool(self.layer.adapter.multistep(self.module, None))
 
 
-class NeuronRun:
+class NeuronRun(abc.ABC):
     """Base of the module drivers. Subclasses say when a replacement is due (:meth:`due`),
     compute it (:meth:`replacements`), and may look at each call (:meth:`observe`) and close the
     run (:meth:`finish`). ``rows``: the number of rows every state must have."""
@@ -76,12 +77,13 @@ class NeuronRun:
         self.joint = joint and not any(n.multistep for n in self.chosen)
 
     # --- what subclasses decide ---------------------------------------------------------
+    @abc.abstractmethod
     def due(self, step: int) -> bool:
-        raise NotImplementedError
+        """Whether a replacement is due after ``step`` (the one after the first call always is)."""
 
+    @abc.abstractmethod
     def replacements(self, step: int, neurons: List[Neuron]) -> None:
         """Fill ``n.required`` (and ``n.optional``) for each of ``neurons`` after ``step``."""
-        raise NotImplementedError
 
     def observe(self, n: Neuron, step: int) -> None:
         """Called after every call; ``n.state`` and ``n.spikes`` hold what it produced."""
