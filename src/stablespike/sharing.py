@@ -126,17 +126,17 @@ class _SharedBatchNorm(torch.autograd.Function):
         shape = (1, 1, -1) + (1,) * (blocks.dim() - 3)
         dims = [0, 1] + list(range(3, blocks.dim()))
         xhat = (blocks - mean.view(shape)) * invstd.view(shape)
-        g_xhat = grad if weight is None else grad * weight.view(shape)
-        g_x = g_xhat * invstd.view(shape)
+        g_b = grad.sum(dim=dims)  # (C,)
+        g_w = (grad * xhat).sum(dim=dims)
+        w = torch.ones_like(invstd) if weight is None else weight
+        g_x = grad * (w * invstd).view(shape)  # a new tensor: its sample rows are corrected in place
         # the statistics come from the samples: d mean / dx = 1/n, d invstd / dx = -invstd^2 xhat / n
         n = blocks[:, :batch].numel() // blocks.shape[2]
-        through_mean = g_xhat.sum(dim=dims)
-        through_std = (g_xhat * xhat).sum(dim=dims)
-        correction = (through_mean.view(shape) + xhat[:, :batch] * through_std.view(shape)) * (invstd / n).view(shape)
-        g_x = torch.cat([g_x[:, :batch] - correction, g_x[:, batch:]], dim=1)
-        g_w = (grad * xhat).sum(dim=dims) if weight is not None and ctx.needs_input_grad[1] else None
-        g_b = grad.sum(dim=dims) if weight is not None and ctx.needs_input_grad[2] else None
-        return g_x, g_w, g_b, None, None
+        through_mean, through_std = g_b * w, g_w * w
+        g_x[:, :batch] -= (through_mean.view(shape) + xhat[:, :batch] * through_std.view(shape)) * (invstd / n).view(shape)
+        if weight is None:
+            return g_x, None, None, None, None
+        return g_x, g_w if ctx.needs_input_grad[1] else None, g_b if ctx.needs_input_grad[2] else None, None, None
 
 
 def _batch_norm_composite(bn, rows: TwinRows, blocks: torch.Tensor, multistep: bool) -> torch.Tensor:
