@@ -492,3 +492,26 @@ def test_norse_sequence_modules_give_the_leak_and_the_plain_outputs():
     assert torch.equal(res.outputs, net(x))
     spectrum = tangent_spectrum(net, x, k=2, discard=40)
     assert torch.allclose(spectrum.exponents, torch.full((2,), expected), atol=1e-3)
+
+
+class _SharedNeuronNet(nn.Module):
+    """One snnTorch Leaky module used for two layers (stateless use, explicit mem): the engine
+    keeps state per module, so it must refuse, not mix the layers' states."""
+
+    def __init__(self):
+        super().__init__()
+        import snntorch as snn
+        self.fc1, self.fc2, self.lif = nn.Linear(4, 6), nn.Linear(6, 3), snn.Leaky(beta=0.9)
+
+    def forward(self, x):  # (T, B, 4)
+        mem1, mem2, out = self.lif.init_leaky(), self.lif.init_leaky(), []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif(self.fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+
+def test_one_neuron_module_for_two_layers_is_refused():
+    with pytest.raises(ValueError, match="several layers"):
+        finite_difference_lyapunov(_SharedNeuronNet(), torch.rand(6, 3, 4), eps=1e-2)

@@ -143,17 +143,20 @@ class NeuronRun(abc.ABC):
         new_args, new_kwargs = _substitute(args, replace), _substitute(kwargs, replace)
         in_call = new_args is not args or new_kwargs is not kwargs
         found = _substitute_attributes(module, replace, n.places)
-        # a state argument that is not the returned state (a copy) would override the replaced
-        # attribute (snnTorch sets self.mem = mem): the replacement would be silently lost
-        copied = not in_call and _state_like_argument(args[1:], kwargs, n.required)
-        if n.required and (copied or not (found or in_call)):
+        # a state argument other than the returned state (a copy, or another layer's state when
+        # one module serves two layers) would override the replaced attribute (snnTorch sets
+        # self.mem = mem): the replacement would be silently lost
+        other = not in_call and _has_tensor(args[1:], kwargs)
+        if n.required and (other or not (found or in_call)):
             raise ValueError(
                 f"model: the state of neuron {n.name!r} ({type(module).__name__}) returned by its "
                 f"call {n.calls} did not come back into call {n.calls + 1}"
-                + (" (a tensor of its shape came instead: a copy?)" if copied else
+                + (" (another tensor came in its place: a copy, or is this one module used for "
+                   "several layers?)" if other else
                    ", neither as an argument nor as an attribute of the neuron")
                 + ", so it cannot be replaced between steps. Pass the state the neuron returned "
-                "back unchanged (no copy, detach or arithmetic on it between calls).")
+                "back unchanged (no copy, detach or arithmetic on it between calls), and give "
+                "every layer its own neuron module.")
         n.required, n.optional = {}, {}
         return new_args, new_kwargs
 
@@ -277,16 +280,14 @@ def _substitute(obj, replace: Replacement):
     return obj
 
 
-def _state_like_argument(args, kwargs, required: Replacement) -> bool:
-    """Whether the call got, besides its input, a tensor shaped like a state to be replaced."""
-    shapes = {(t.shape, t.dtype) for t in required.values()}
+def _has_tensor(args, kwargs) -> bool:
+    """Whether the call got a tensor besides its input (in tuples, lists and dicts too)."""
     stack = list(args) + list(kwargs.values())
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
-            if (item.shape, item.dtype) in shapes:
-                return True
-        elif isinstance(item, (tuple, list)):
+            return True
+        if isinstance(item, (tuple, list)):
             stack.extend(item)
         elif isinstance(item, dict):
             stack.extend(item.values())
