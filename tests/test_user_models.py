@@ -324,16 +324,16 @@ def test_forward_returning_non_tensors(bad):
 
 
 class _CloningLoop(nn.Module):
-    """snnTorch explicit loop that breaks the state chain: a copy of mem goes back in."""
+    """An explicit loop that breaks the state chain: a copy of mem goes back into the neuron
+    (snnTorch's Leaky keeps an attribute copy of its state; a plain neuron keeps none)."""
 
-    def __init__(self):
+    def __init__(self, lif=None):
         super().__init__()
         import snntorch as snn
-        self.fc = nn.Linear(4, 6)
-        self.lif = snn.Leaky(beta=0.9)
+        self.fc, self.lif = nn.Linear(4, 6), lif if lif is not None else snn.Leaky(beta=0.9)
 
     def forward(self, x):
-        mem = self.lif.init_leaky()
+        mem = torch.zeros(x.shape[1], 6)
         out = []
         for t in range(x.shape[0]):
             spk, mem = self.lif(self.fc(x[t]), mem)
@@ -346,23 +346,6 @@ def test_state_chain_broken_by_clone_is_an_error():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="did not come back"):
         finite_difference_lyapunov(_CloningLoop(), torch.rand(8, 3, 4), eps=1e-2)
-
-
-class _CloningCustom(nn.Module):
-    """The same break with a neuron that keeps no attribute copy of its state."""
-
-    def __init__(self, lif):
-        super().__init__()
-        self.fc, self.lif = nn.Linear(4, 6), lif
-
-    def forward(self, x):
-        mem = torch.zeros(x.shape[1], 6)
-        out = []
-        for t in range(x.shape[0]):
-            spk, mem = self.lif(self.fc(x[t]), mem)
-            mem = mem.clone()
-            out.append(spk)
-        return torch.stack(out)
 
 
 # --- 8. a registered plain-torch neuron --------------------------------------------------------
@@ -432,7 +415,7 @@ def test_registered_neuron_layers_choose_whose_leak_is_measured(my_lif):
 def test_registered_neuron_state_chain_broken_by_clone_is_an_error(my_lif):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="did not come back"):
-        finite_difference_lyapunov(_CloningCustom(MyLIF(0.9)), torch.rand(8, 3, 4), eps=1e-2)
+        finite_difference_lyapunov(_CloningLoop(MyLIF(0.9)), torch.rand(8, 3, 4), eps=1e-2)
 
 
 def test_unregistered_neuron_is_not_a_neuron():
