@@ -498,3 +498,41 @@ class _SharedNeuronNet(nn.Module):
 def test_one_neuron_module_for_two_layers_is_refused():
     with pytest.raises(ValueError, match="several layers"):
         finite_difference_lyapunov(_SharedNeuronNet(), torch.rand(6, 3, 4), eps=1e-2)
+
+
+class _LinearNeuron(nn.Module):
+    """A 'neuron' whose output is its membrane (mem <- 0.9 mem + x): its tangents are exact."""
+
+    def forward(self, x, mem):
+        mem = 0.9 * mem + x
+        return mem, mem
+
+
+class _TwoLinearLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=_gen(3)))
+        self.fc2 = nn.Linear(5, 5, bias=False).double()
+        with torch.no_grad():
+            self.fc2.weight.copy_(3.0 * q)  # every direction grows by exactly 3
+        self.n1, self.n2 = _LinearNeuron(), _LinearNeuron()
+
+    def forward(self, x):  # (T, B, 5)
+        m1 = m2 = torch.zeros(x.shape[1], 5, dtype=x.dtype)
+        out = []
+        for t in range(x.shape[0]):
+            s1, m1 = self.n1(x[t], m1)
+            s2, m2 = self.n2(self.fc2(s1), m2)
+            out.append(s2)
+        return torch.stack(out)
+
+
+def test_depthwise_gain_of_a_user_module_equals_the_known_layer_gain():
+    """Through the module driver: a first-layer tangent reaches layer 2 through W = 3 x orthogonal,
+    so the gain is ln 3 per sample and step (against the stepper driver's known-value test)."""
+    stablespike.register_neuron(_LinearNeuron, membrane=lambda m, out: out[1])
+    try:
+        r = depthwise_gain(_TwoLinearLayers(), torch.rand(6, 3, 5, dtype=torch.float64))
+    finally:
+        stablespike.neurons.DEFAULT_REGISTRY.unregister(_LinearNeuron)
+    assert torch.allclose(r.per_sample, torch.full((3, 1), math.log(3.0), dtype=torch.float64))

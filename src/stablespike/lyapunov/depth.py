@@ -29,6 +29,7 @@ from ..dynamics import state_spec_of, unroll
 from ..forward_mode import forward_mode_surrogates
 from ..neuron_runs import Neuron, NeuronRun
 from ..neurons import find_layers
+from ..twins import random_direction
 from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 
 
@@ -108,7 +109,8 @@ class _ModuleGain(NeuronRun):
             self._measure(step, neurons)
         for n in neurons:
             primals = [fwAD.unpack_dual(s).primal for s in n.state.values()]
-            tangents = _unit(primals, self.generator) if n.group == 0 else [torch.zeros_like(p) for p in primals]
+            tangents = (random_direction([p.shape for p in primals], 1.0, primals[0], self.generator)
+                        if n.group == 0 else [torch.zeros_like(p) for p in primals])
             for s, p, t in zip(n.state.values(), primals, tangents):
                 n.required[id(s)] = fwAD.make_dual(p, t)
             if n.spikes is not None:
@@ -134,13 +136,6 @@ class _ModuleGain(NeuronRun):
 def _tangent(s: torch.Tensor) -> torch.Tensor:
     t = fwAD.unpack_dual(s).tangent
     return torch.zeros_like(s) if t is None else t
-
-
-def _unit(primals, generator) -> List[torch.Tensor]:
-    """Random tangents for the tensors ``primals`` with joint norm 1 per sample."""
-    noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in primals]
-    norm = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in noise))
-    return [t / norm.view(-1, *[1] * (t.dim() - 1)) for t in noise]
 
 
 def _module_gain(model, x, forward, batch_dim: int, generator) -> torch.Tensor:
