@@ -19,8 +19,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ._checks import user_stacklevel
+from .degenerate import FlooredLog, warn_degenerate
 
 RENORM_MODES = ("global", "per_layer")
+# twins further from their sample than this share of the samples' spread left the linear regime
+SATURATION = 0.1
 
 
 class TwinRows:
@@ -95,6 +98,7 @@ class TwinEstimate:
         self.group_target = self.eps / math.sqrt(self.groups) if renorm == "per_layer" else self.eps
         self._sq: Dict[int, Dict[int, torch.Tensor]] = {}  # interval end step -> group -> (K,)
         self._flips: Dict[int, torch.Tensor] = {}  # step -> (K,) bool: any spike differed
+        self._saturated: Optional[torch.Tensor] = None  # largest share of twins far from their sample
 
     def is_boundary(self, step: int) -> bool:
         return (step + 1) % self.every == 0
@@ -114,7 +118,18 @@ class TwinEstimate:
         index = None if self.rows.all_rows else self.rows.index.to(states[0].device)
         *new, sq = _Renormalize.apply(index, self.rows.batch, tuple(local), self.group_target, *states)
         self._sq.setdefault(step, {}).update({g: sq[i] for i, g in enumerate(ids)})
+        if self.every > 1:
+            self._check_saturation(states, sq.detach().sum(0))
         return new
+
+    def _check_saturation(self, states, sq: torch.Tensor) -> None:
+        """Twins that drifted from their sample by more than ``SATURATION`` of the typical distance
+        between samples (the attractor's size) within an interval left the linear regime: their
+        growth is capped by the attractor, not set by the dynamics."""
+        samples = torch.cat([s[:self.rows.batch].detach().flatten(1) for s in states], dim=1)
+        spread_sq = (samples - samples.mean(0)).pow(2).sum(1).mean()  # 0 when all samples agree
+        far = ((sq > SATURATION ** 2 * spread_sq) & (spread_sq > 0)).float().mean()
+        self._saturated = far if self._saturated is None else torch.maximum(self._saturated, far)
 
     def record_flips(self, step: int, differ: torch.Tensor) -> None:
         """``differ`` ``(K,)`` bool: some spike of a twin differed from its nominal row's."""
@@ -136,14 +151,23 @@ class TwinEstimate:
                              f"(renorm_every={self.every}) in the {ends[-1] + 1 if ends else 0} "
                              "measured steps")
         sq = torch.stack([sum(self._sq[e].values()) for _, e in counted])  # (intervals, K)
-        if bool(sq.detach().amin() <= torch.finfo(sq.dtype).tiny):
-            warnings.warn(
-                "the twin trajectories coincided exactly for some samples (zero divergence): eps "
-                "is too small for this dtype, or the chosen layers do not depend on their state. "
-                "Their log-growth was floored.", RuntimeWarning, stacklevel=user_stacklevel())
-        logs = 0.5 * sq.clamp_min(torch.finfo(sq.dtype).tiny).log() - math.log(self.eps)
+        log = FlooredLog()
+        logs = 0.5 * log(sq) - math.log(self.eps)
         self.counted_steps = sum(e - s + 1 for s, e in counted)
-        return logs.sum(0) / self.counted_steps
+        per_sample = logs.sum(0) / self.counted_steps
+        warn_degenerate(
+            "finite_difference_lyapunov", per_sample, log,
+            f"Lower renorm_every (got {self.every}) or eps (got {self.eps:g}), or use float64.",
+            "The twins coincided exactly (zero divergence): eps is too small for this dtype, or "
+            "the chosen layers do not depend on their state.")
+        if self._saturated is not None and float(self._saturated) > 0:
+            warnings.warn(
+                f"finite_difference_lyapunov: within a renormalization interval, up to "
+                f"{float(self._saturated):.0%} of the twins drifted from their sample by more than "
+                f"{SATURATION:.0%} of the typical distance between samples: their growth saturated and the "
+                f"exponent is underestimated. Lower renorm_every (got {self.every}) or eps "
+                f"(got {self.eps:g}).", RuntimeWarning, stacklevel=user_stacklevel())
+        return per_sample
 
     def flip_fraction(self) -> float:
         """Flipped (step, twin) pairs over all measured pairs; NaN when no spikes were seen."""

@@ -25,6 +25,7 @@ import torch.autograd.forward_ad as fwAD
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .._checks import check_tensor
+from ..degenerate import FlooredLog, warn_degenerate
 from ..dynamics import state_spec_of, unroll
 from ..forward_mode import forward_mode_surrogates
 from ..neuron_runs import Neuron, NeuronRun
@@ -53,9 +54,9 @@ def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None
     run through ``forward(model, x)`` (default ``model(x)``) with the samples along ``batch_dim``;
     for a stepper, over a time-first ``x (T, B, ...)``."""
     if uses_neurons(model, forward):
-        per_sample = _module_gain(model, x, forward or call_model, check_batch_dim(x, batch_dim), generator)
-        per_layer = per_sample.mean(0)
-        return DepthGainResult(per_layer, per_sample, float(per_layer.detach().mean()))
+        log = FlooredLog()
+        per_sample = _module_gain(model, x, forward or call_model, check_batch_dim(x, batch_dim), generator, log)
+        return _result(per_sample, log)
     require_stepper(model)
     stepper = model
     check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
@@ -67,7 +68,7 @@ def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None
         raise ValueError(f"stepper: depth-wise gain needs at least 2 layers with continuous state, got {len(layers)}")
     by_layer = [[i for i, s in enumerate(spec) if s.continuous and s.layer == layer] for layer in layers]
     first = by_layer[0]
-    logs = []
+    logs, log = [], FlooredLog()
 
     def seed(st):
         """Fresh unit tangent on the first layer's state (per sample), zero elsewhere."""
@@ -82,13 +83,19 @@ def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None
         tangents = [fwAD.unpack_dual(s).tangent for s in st]
         norms = torch.stack([torch.sqrt(sum(tangents[i].pow(2).flatten(1).sum(1) for i in group))
                              for group in by_layer], dim=1)  # (B, L)
-        logs.append(torch.log(norms.clamp_min(torch.finfo(norms.dtype).tiny)))
+        logs.append(log(norms))
         return seed(st)
 
     with fwAD.dual_level():
         unroll(stepper, x, seed(state), on_step=measure)
     log_norms = torch.stack(logs)  # (T, B, L)
-    per_sample = (log_norms[:, :, 1:] - log_norms[:, :, :-1]).mean(0)  # (B, L - 1)
+    return _result((log_norms[:, :, 1:] - log_norms[:, :, :-1]).mean(0), log)  # (B, L - 1)
+
+
+def _result(per_sample: torch.Tensor, log: FlooredLog) -> DepthGainResult:
+    warn_degenerate("depthwise_gain", per_sample, log, "Use float64 inputs and model.",
+                    "A layer passed no perturbation on (e.g. silent neurons with a zero surrogate "
+                    "gradient): its gain is -inf in exact arithmetic.")
     per_layer = per_sample.mean(0)
     return DepthGainResult(per_layer, per_sample, float(per_layer.detach().mean()))
 
@@ -96,9 +103,9 @@ def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None
 class _ModuleGain(NeuronRun):
     """Seeds a unit tangent on the first neuron before every step and reads every neuron's."""
 
-    def __init__(self, model, layers, batch: int, generator):
+    def __init__(self, model, layers, batch: int, generator, log: FlooredLog):
         super().__init__(model, layers, list(range(len(layers))), batch, batch, joint=True)
-        self.generator = generator
+        self.generator, self.log = generator, log
         self.logs: Dict[Tuple[int, int], torch.Tensor] = {}  # (step, layer) -> (B,) log norm
 
     def due(self, step: int) -> bool:
@@ -120,7 +127,7 @@ class _ModuleGain(NeuronRun):
     def _measure(self, step: int, neurons: List[Neuron]) -> None:
         for n in neurons:
             sq = sum(_tangent(s).pow(2).flatten(1).sum(1) for s in n.state.values())
-            self.logs[(step, n.group)] = 0.5 * torch.log(sq.clamp_min(torch.finfo(sq.dtype).tiny))
+            self.logs[(step, n.group)] = 0.5 * self.log(sq)
 
     def finish(self) -> None:
         for group in self.open_intervals():
@@ -138,11 +145,11 @@ def _tangent(s: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(s) if t is None else t
 
 
-def _module_gain(model, x, forward, batch_dim: int, generator) -> torch.Tensor:
+def _module_gain(model, x, forward, batch_dim: int, generator, log: FlooredLog) -> torch.Tensor:
     layers = find_layers(model)
     if len(layers) < 2:
         raise ValueError(f"model: depth-wise gain needs at least 2 spiking-neuron layers, got {len(layers)}")
-    run = _ModuleGain(model, layers, x.shape[batch_dim], generator)
+    run = _ModuleGain(model, layers, x.shape[batch_dim], generator, log)
     with fwAD.dual_level(), forward_mode_surrogates(layers):
         run.run(forward, x)
     return run.per_sample()

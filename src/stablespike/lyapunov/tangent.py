@@ -23,6 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_tensor
+from ..degenerate import FlooredLog, warn_degenerate
 from ..dynamics import state_spec_of, unroll
 from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 from .tangent_modules import module_tangents
@@ -68,8 +69,9 @@ def tangent_spectrum(model, x: torch.Tensor, *, k: int = 1, forward: Optional[Ca
         raise ValueError(f"discard: expected an integer >= 0, got {discard!r}")
     if uses_neurons(model, forward):
         batch_dim = check_batch_dim(x, batch_dim)
-        exponents, per_sample, steps, history = module_tangents(
+        exponents, per_sample, steps, history, log = module_tangents(
             model, x, forward or call_model, batch_dim, int(k), int(t_ons), int(discard), generator)
+        warn_tangent(per_sample, log, int(t_ons))
         return TangentResult(exponents, per_sample, steps, history, _convergence(history))
     require_stepper(model)
     check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
@@ -109,6 +111,7 @@ class _QRTracker:
         self.counted = 0
         self.interval_start = 0
         self.history: List[torch.Tensor] = []
+        self.log = FlooredLog()
 
     def start(self, state):
         """The initial state as dual tensors: tracked components carry the basis, others zero."""
@@ -140,7 +143,7 @@ class _QRTracker:
         q, r = torch.linalg.qr(y)
         diag = torch.diagonal(r, dim1=-2, dim2=-1)  # (B, k)
         if self.interval_start >= self.discard:
-            growth = torch.log(diag.abs().clamp_min(torch.finfo(diag.dtype).tiny))
+            growth = self.log(diag.abs())
             self.log_sum = growth if self.log_sum is None else self.log_sum + growth
             self.counted += t + 1 - self.interval_start
             self.history.append((self.log_sum / self.counted).mean(0).detach())
@@ -159,7 +162,15 @@ class _QRTracker:
             raise ValueError("discard: no orthonormalization was counted; lower discard or t_ons")
         per_sample = self.log_sum / self.counted  # (B, k)
         history = torch.stack(self.history)
+        warn_tangent(per_sample, self.log, self.t_ons)
         return TangentResult(per_sample.mean(0), per_sample, self.counted, history, _convergence(history))
+
+
+def warn_tangent(per_sample: torch.Tensor, log: FlooredLog, t_ons: int) -> None:
+    warn_degenerate("tangent_spectrum", per_sample, log,
+                    f"Lower t_ons (got {t_ons}) or use float64.",
+                    "Those exponents are -inf in exact arithmetic (e.g. silent neurons with a zero "
+                    "surrogate gradient) or below the dtype's range.")
 
 
 def _convergence(history: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ..degenerate import FlooredLog
 from ..forward_mode import forward_mode_surrogates
 from ..neuron_runs import Neuron, NeuronRun
 from ..neurons import find_layers
@@ -43,6 +44,7 @@ class ModuleTangents(NeuronRun):
         self.counted: Dict[int, int] = {}
         self.start: Dict[int, int] = {}  # group -> first step of the open interval
         self.history: Dict[int, List[torch.Tensor]] = {}
+        self.log = FlooredLog()
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.t_ons == 0
@@ -72,7 +74,7 @@ class ModuleTangents(NeuronRun):
 
     def _count(self, key: int, step: int, diag: torch.Tensor) -> None:
         if self.start[key] >= self.discard:
-            growth = torch.log(diag.abs().clamp_min(torch.finfo(diag.dtype).tiny))
+            growth = self.log(diag.abs())
             self.log_sum[key] = self.log_sum[key] + growth if key in self.log_sum else growth
             self.counted[key] = self.counted.get(key, 0) + step + 1 - self.start[key]
             self.history.setdefault(key, []).append((self.log_sum[key] / self.counted[key]).mean(0).detach())
@@ -107,7 +109,8 @@ class ModuleTangents(NeuronRun):
             self._count(key, group[0].calls - 2, torch.diagonal(r, dim1=-2, dim2=-1))
 
     def result(self):
-        """``(exponents (k,), per_sample (B, k), steps, history (n, k))``, largest first."""
+        """``(exponents (k,), per_sample (B, k), steps, history (n, k), log)``, largest first;
+        ``log`` tells whether a growth factor hit the dtype's floor."""
         if not self.log_sum:
             raise ValueError("discard: no orthonormalization was counted; lower discard or t_ons")
         keys = sorted(self.log_sum)
@@ -117,7 +120,7 @@ class ModuleTangents(NeuronRun):
         rounds = min(len(self.history[g]) for g in keys)
         history = torch.stack([torch.cat([self.history[g][i] for g in keys]).sort(descending=True)
                                .values[: self.k] for i in range(rounds)])
-        return per_sample.mean(0)[order], per_sample[:, order], steps, history
+        return per_sample.mean(0)[order], per_sample[:, order], steps, history, self.log
 
 
 def module_tangents(model, x: torch.Tensor, forward, batch_dim: int, k: int, t_ons: int,
