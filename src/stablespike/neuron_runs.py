@@ -139,7 +139,7 @@ class NeuronRun(abc.ABC):
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
                         f"appended to its {self.nominal} samples along batch_dim ({e}); if "
                         "batch_dim is not the dimension of x that indexes samples, that is the "
-                        "cause") from e
+                        "cause" + _dtype_hint(x)) from e
             self.finish()
             return out
         finally:
@@ -365,3 +365,9 @@ def cast_floats(obj, dtype: torch.dtype):
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
 
+
+def _dtype_hint(x) -> str:
+    """A hint for the commonest other cause: an integer or bool input to float layers."""
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        return f"; x has dtype {x.dtype}: the model's layers may need x.float()"
+    return ""

@@ -78,6 +78,12 @@ def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Te
     blocks = _blocks(flat, rows)
     if not uses_batch or blocks is None:
         return type(bn).forward(bn, x)
+    values = blocks[:, : rows.batch].numel() // blocks.shape[2]
+    if bn.training and values < 2:  # as torch's own batch norm refuses
+        raise ValueError(
+            f"x: {type(bn).__name__} in training mode needs more than 1 value per channel from the "
+            f"samples, got {values} (input of shape {tuple(x.shape)} holding {rows.batch} sample(s) "
+            "and their twins); use a batch of at least 2 samples or model.eval()")
     if isinstance(bn, nn.SyncBatchNorm) or fwAD.unpack_dual(x).tangent is not None:
         out = _batch_norm_composite(bn, rows, blocks, multistep)  # cross-rank statistics; forward mode
     else:

@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as fwAD
 
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .._checks import check_tensor
+from .._checks import check_generator, check_tensor
 from ..degenerate import FlooredLog, warn_degenerate
 from ..dynamics import state_spec_of, unroll
 from ..forward_mode import forward_mode_surrogates
@@ -53,13 +53,14 @@ def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None
     """Layer-to-layer growth of a first-layer perturbation: for a module with spiking neurons,
     run through ``forward(model, x)`` (default ``model(x)``) with the samples along ``batch_dim``;
     for a stepper, over a time-first ``x (T, B, ...)``."""
+    check_generator(generator)
     if uses_neurons(model, forward):
         log = FlooredLog()
         per_sample = _module_gain(model, x, forward or call_model, check_batch_dim(x, batch_dim), generator, log)
         return _result(per_sample, log)
     require_stepper(model)
     stepper = model
-    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
+    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first", floating=True)
     B = x.shape[1]
     state = stepper.init_state(B, x.device, x.dtype)
     spec = state_spec_of(stepper, state)

@@ -29,7 +29,8 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from .._checks import check_fraction, check_positive, check_tensor, describe, user_stacklevel
+from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
+                       check_positive, check_tensor, describe, user_stacklevel)
 from ..dynamics import run_twins, select_layers, state_spec_of
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
@@ -143,10 +144,11 @@ def finite_difference_lyapunov(
     fraction = check_fraction(fraction, "fraction")
     if renorm not in RENORM_MODES:
         raise ValueError(f"renorm: expected one of {RENORM_MODES}, got {renorm!r}")
-    if int(renorm_every) != renorm_every or renorm_every < 1:
-        raise ValueError(f"renorm_every: expected an integer >= 1, got {renorm_every!r}")
-    if int(discard) != discard or discard < 0:
-        raise ValueError(f"discard: expected an integer >= 0, got {discard!r}")
+    renorm_every, discard = check_int(renorm_every, "renorm_every"), check_int(discard, "discard", 0)
+    check_float_dtype(twin_dtype, "twin_dtype")
+    check_bool(count_flips, "count_flips")
+    check_bool(record_states, "record_states")
+    check_generator(generator)
     if uses_neurons(model, forward):
         return _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm, fraction,
                                 twin_dtype, int(renorm_every), int(discard), count_flips, generator)
@@ -226,7 +228,7 @@ def _nominal_outputs(out, rows, dim: Optional[int], batch_dim: int, dtype):
 
 def _stepper_estimate(stepper, x, eps, layers, renorm, fraction, twin_dtype, renorm_every,
                       discard, count_flips, generator, record_states) -> FiniteDifferenceResult:
-    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
+    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first", floating=True)
     T, B = x.shape[0], x.shape[1]
     if discard >= T:
         raise ValueError(f"discard: expected an integer in [0, {T - 1}] (T={T}), got {discard!r}")

@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._checks import check_tensor
+from .._checks import check_generator, check_int, check_tensor
 from ..degenerate import FlooredLog, warn_degenerate
 from ..dynamics import state_spec_of, unroll
 from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
@@ -61,12 +61,8 @@ def tangent_spectrum(model, x: torch.Tensor, *, k: int = 1, forward: Optional[Ca
     ``t_ons``: steps between orthonormalizations; ``discard``: leading steps whose growth is left
     out (transient); ``generator``: seeds the initial tangent basis.
     """
-    if int(t_ons) != t_ons or t_ons < 1:
-        raise ValueError(f"t_ons: expected an integer >= 1, got {t_ons!r}")
-    if int(k) != k or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    if int(discard) != discard or discard < 0:
-        raise ValueError(f"discard: expected an integer >= 0, got {discard!r}")
+    k, t_ons, discard = check_int(k, "k"), check_int(t_ons, "t_ons"), check_int(discard, "discard", 0)
+    check_generator(generator)
     if uses_neurons(model, forward):
         batch_dim = check_batch_dim(x, batch_dim)
         exponents, per_sample, steps, history, log = module_tangents(
@@ -74,7 +70,7 @@ def tangent_spectrum(model, x: torch.Tensor, *, k: int = 1, forward: Optional[Ca
         warn_tangent(per_sample, log, int(t_ons))
         return TangentResult(exponents, per_sample, steps, history, _convergence(history))
     require_stepper(model)
-    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first")
+    check_tensor(x, "x", ndims=range(2, 8), layout="(T, B, ...) time-first", floating=True)
     T, B = x.shape[0], x.shape[1]
     if discard >= T:
         raise ValueError(f"discard: expected an integer in [0, {T - 1}] (T={T}), got {discard!r}")

@@ -13,7 +13,7 @@ import snntorch as snn
 import torch
 from torch import nn
 
-from .._checks import check_size, check_tensor
+from .._checks import check_int, check_positive, check_size, check_tensor, check_unit_interval
 from ..dynamics import batch_first_to_time_first, state_spec_of, unroll
 from ..lyapunov.finite_difference import finite_difference_lyapunov
 from ..surrogate import fast_sigmoid
@@ -34,6 +34,7 @@ def untracked(neuron: nn.Module) -> nn.Module:
 
 def leaky(beta: float, threshold: float, spike_grad) -> nn.Module:
     """An snnTorch ``Leaky`` neuron with subtractive reset and explicit state, as the seeds use."""
+    beta, threshold = check_unit_interval(beta, "beta"), check_positive(threshold, "threshold")
     return untracked(snn.Leaky(beta=beta, threshold=threshold,
                                spike_grad=spike_grad or fast_sigmoid(25),
                                init_hidden=False, reset_mechanism="subtract"))
@@ -109,7 +110,8 @@ class SequenceModel(SeedModel):
     def __init__(self, input_dim: int, hidden_dims, num_classes: int):
         super().__init__()
         self.hidden_dims = check_dims(hidden_dims)
-        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
+        self.input_dim = check_int(input_dim, "input_dim")
+        self.num_classes = check_int(num_classes, "num_classes")
         self.num_layers = len(self.hidden_dims)
         dims = [self.input_dim] + self.hidden_dims
         self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.num_layers))
@@ -140,7 +142,7 @@ class SequenceModel(SeedModel):
             ``spikes`` and ``membrane`` of the last layer ``(B, T, H)`` and per-layer lists.
         """
         layout = "(T, B, D)" if time_first else "(B, T, D)"
-        check_tensor(x, "x", ndims=(3,), layout=layout)
+        check_tensor(x, "x", ndims=(3,), layout=layout, floating=True)
         check_size(x, "x", 2, self.input_dim, "input_dim", layout)
         x_tf = x if time_first else batch_first_to_time_first(x)
         return self._forward(

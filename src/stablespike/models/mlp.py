@@ -27,7 +27,7 @@ class SpikingMLP(SequenceModel):
     def __init__(self, input_dim: int, hidden_dims: List[int], num_classes: int,
                  beta: float = 0.9, threshold: float = 1.0, spike_grad: Optional[Any] = None,
                  dropout: float = 0.0):
-        if not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         super().__init__(input_dim, hidden_dims, num_classes)
         self.beta, self.threshold, self.dropout_p = beta, threshold, float(dropout)

@@ -7,6 +7,7 @@ import snntorch as snn
 import torch
 from torch import nn
 
+from .._checks import check_positive, check_unit_interval
 from ..dynamics import StateSpec
 from ..surrogate import fast_sigmoid
 from .base import SequenceModel, untracked, zeros_state
@@ -28,7 +29,8 @@ class RecurrentSpikingMLP(SequenceModel):
                  alpha: float = 0.9, beta: float = 0.85, threshold: float = 1.0,
                  spike_grad: Optional[Any] = None):
         super().__init__(input_dim, hidden_dims, num_classes)
-        self.alpha, self.beta, self.threshold = alpha, beta, threshold
+        alpha, beta = check_unit_interval(alpha, "alpha"), check_unit_interval(beta, "beta")
+        self.alpha, self.beta, self.threshold = alpha, beta, check_positive(threshold, "threshold")
         spike_grad = spike_grad or fast_sigmoid(25)
         self.neurons = nn.ModuleList(
             untracked(snn.RSynaptic(alpha=alpha, beta=beta, threshold=threshold,

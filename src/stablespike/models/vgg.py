@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .._checks import check_tensor, describe
+from .._checks import check_int, check_tensor, describe
 from ..dynamics import StateSpec
 from ..surrogate import fast_sigmoid
 from .base import SeedModel, leaky, zeros_state
@@ -52,8 +52,7 @@ class SpikingVGG(SeedModel):
         for name, v in (("in_channels", in_channels), ("num_classes", num_classes),
                         ("base_channels", base_channels), ("num_stages", num_stages),
                         ("blocks_per_stage", blocks_per_stage), ("T", T)):
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            check_int(v, name)
         self.in_channels, self.T = in_channels, T
         self.num_stages, self.blocks_per_stage = num_stages, blocks_per_stage
         self.total_conv_layers = num_stages * blocks_per_stage
@@ -143,7 +142,7 @@ class SpikingVGG(SeedModel):
         Returns:
             ``(logits (B, num_classes), lyap_est or None, recordings or None)``.
         """
-        check_tensor(x, "x", ndims=(4, 5), layout="(B, C, H, W) or (T, B, C, H, W)")
+        check_tensor(x, "x", ndims=(4, 5), layout="(B, C, H, W) or (T, B, C, H, W)", floating=True)
         expected = (self.in_channels, *self.input_size)
         if tuple(x.shape[-3:]) != expected:
             raise ValueError(
