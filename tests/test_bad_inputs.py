@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import stablespike as ss
+from stablespike.data import encode, latency, load_dataset, rate
 from stablespike.lyapunov import depthwise_gain, finite_difference_lyapunov, tangent_spectrum
 
 
@@ -82,6 +83,15 @@ CASES = [
     ("tangent k 0", lambda: tangent_spectrum(_mlp(), _x(), batch_dim=0, k=0), ValueError, "k"),
     ("tangent k bool", lambda: tangent_spectrum(_mlp(), _x(), batch_dim=0, k=True), ValueError, "k"),
     ("tangent t_ons 0", lambda: tangent_spectrum(_mlp(), _x(), batch_dim=0, t_ons=0), ValueError, "t_ons"),
+    # data and encoders
+    ("load_dataset data_dir int", lambda: load_dataset("mnist", data_dir=3), TypeError, "data_dir"),
+    ("load_dataset seed -1", lambda: load_dataset("digits", seed=-1), ValueError, "seed"),
+    ("load_dataset unknown", lambda: load_dataset("imagenet"), ValueError, "imagenet"),
+    ("encoder T 0", lambda: rate(torch.rand(2, 4), 0), ValueError, "T"),
+    ("encoder T 2.5", lambda: latency(torch.rand(2, 4), 2.5), ValueError, "T"),
+    ("encoder T bool", lambda: encode(torch.rand(2, 4), "direct", True), ValueError, "T"),
+    ("encoder int x", lambda: rate(torch.ones(2, 4, dtype=torch.long), 3), TypeError, "x"),
+    ("encoder unknown", lambda: encode(torch.rand(2, 4), "poisson", 3), ValueError, "encoder"),
     ("depth generator str", lambda: depthwise_gain(_mlp(), _x(), batch_dim=0, generator="0"),
      TypeError, "generator"),
 ]
