@@ -163,8 +163,11 @@ def test_bad_input_names_the_layer():
     assert profiler.report().layer_stats["hidden"].firing_rates.tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="layer 'hidden'.*neurons of shape"):
         profiler.record_step("hidden", torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="voltages of layer 'out'.*NaN"):
-        profiler.record_step("out", torch.zeros(2, 3), voltages=torch.full((2, 3), float("nan")))
+    # NaN voltages are a finding (CRITICAL, naming the layer and step), not an input error
+    profiler.record_step("out", torch.zeros(2, 3), voltages=torch.full((2, 3), float("nan")))
+    nan = [p for p in profiler.report().pathologies if p.category == "non_finite"]
+    assert [(p.severity, p.layer) for p in nan] == [(ss.Severity.CRITICAL, "out")]
+    assert "membrane" in nan[0].message and "time step 0" in nan[0].message
     with pytest.raises(ValueError, match="'conv'.*ambiguous"):
         profiler.record_step("conv", torch.zeros(2, 3, 4, 4))
     with pytest.raises(TypeError, match="spikes of layer 'x'"):

@@ -65,9 +65,10 @@ def test_lyapunov_regimes_and_condition_and_trends():
     assert rules.lyapunov_regime(0.51, TH).category == "chaotic_dynamics"
     assert rules.lyapunov_regime(0.49, TH).category == "edge_of_chaos"
     assert rules.lyapunov_regime(-0.51, TH).category == "over_stable_dynamics"
-    assert rules.condition_number(9.9e3, TH) is None
-    assert rules.condition_number(1.1e4, TH).severity is Severity.WARNING
-    assert rules.condition_number(1.1e6, TH).severity is Severity.CRITICAL
+    # edges at the thresholds' own fields (the statistic is the effective condition number)
+    assert rules.condition_number(0.99 * TH.condition_warning, TH) is None
+    assert rules.condition_number(1.1 * TH.condition_warning, TH).severity is Severity.WARNING
+    assert rules.condition_number(1.1 * TH.condition_critical, TH).severity is Severity.CRITICAL
     assert rules.gradient_trend([1.0] * 10 + [10.5] * 10, TH).category == "exploding_gradient_trend"
     assert rules.gradient_trend([1.0] * 10 + [9.5] * 10, TH) is None
     assert rules.gradient_trend([1.0] * 10 + [0.09] * 10, TH).category == "vanishing_gradient_trend"

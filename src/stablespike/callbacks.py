@@ -29,8 +29,16 @@ class DiagnosticsCallback:
     def __init__(self, every: int = 50, compute_sv: bool = False, max_history: int = 10_000,
                  sink: Optional[Callable[[Dict], None]] = None, profiler: Optional[SpikeProfiler] = None,
                  stability: Optional[StabilityMonitor] = None):
-        if int(every) != every or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an integer >= 1, got {every!r}")
+        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+            raise ValueError(f"max_history: expected an integer >= 1, got {max_history!r}")
+        if sink is not None and not callable(sink):
+            raise TypeError(f"sink: expected a function of one dict, or None, got {sink!r}")
+        if profiler is not None and not isinstance(profiler, SpikeProfiler):
+            raise TypeError(f"profiler: expected a SpikeProfiler or None, got {type(profiler).__name__}")
+        if stability is not None and not isinstance(stability, StabilityMonitor):
+            raise TypeError(f"stability: expected a StabilityMonitor or None, got {type(stability).__name__}")
         self.every, self.compute_sv, self.sink = int(every), compute_sv, sink
         self.profiler = profiler or SpikeProfiler()
         self.stability = stability or StabilityMonitor()

@@ -10,15 +10,18 @@ The helpers are collectives: every rank must call them, in the same order.
 - :func:`mean_across_ranks` -- differentiable mean of a tensor over ranks (the Lyapunov estimate
   used in the loss), whose gradient is the single-process one once DDP averages the gradients.
 - :func:`merge_across_ranks` -- streaming accumulators (``stats.FiringRate`` ...) of all ranks
-  merged with their own ``merge``, in rank order, so every rank gets the same merged table.
+  combined state by state with all-reduces (each accumulator's ``sync``, following the reduction
+  its states declare), so every rank gets the same merged table; nothing is pickled.
 - :func:`broadcast_from_main`, :func:`any_rank`, :func:`sum_across_ranks` -- decisions and totals.
 - :func:`average_buffers` -- BatchNorm running statistics made equal on every rank.
 """
 from __future__ import annotations
 
 import atexit
-import io
+import copy
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, TypeVar
 
@@ -226,22 +229,46 @@ def broadcast_from_main(obj: T) -> T:
 
 
 def merge_across_ranks(accumulators: Dict[str, T]) -> Dict[str, T]:
-    """``{name: accumulator}`` of every rank merged with each accumulator's ``merge``, in rank
-    order, on every rank (new objects on the CPU); the input itself is returned in one process.
-    A name that only some ranks saw is merged over the ranks that have it."""
+    """``{name: accumulator}`` of every rank combined, the same on every rank (new objects; this
+    rank's own are left as they are); the input itself is returned in one process.
+
+    Each accumulator is a copy ``sync``-ed with :func:`reduce_across_ranks`: its declared states
+    are all-reduced (sums, maxima, minima) or all-gathered (windows of recent values), so no
+    object is pickled. Every rank must hold the same names (ValueError otherwise); a layer a rank
+    saw no data for contributes nothing.
+    """
     if not active():
         return accumulators
-    buf = io.BytesIO()
-    torch.save(accumulators, buf)
-    gathered: List[Optional[bytes]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, buf.getvalue())
-    merged: Dict[str, T] = {}
-    for blob in gathered:  # rank order: the same result on every rank
-        # our own ranks' accumulators, not foreign files: full unpickling is safe here
-        part = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-        for name, acc in part.items():
-            merged[name] = merged[name].merge(acc) if name in merged else acc
-    return merged
+    names = sorted(accumulators)
+    digest = torch.tensor([len(names), zlib.crc32("\n".join(names).encode())], dtype=torch.int64)
+    low, high = reduce_across_ranks(digest, "min"), reduce_across_ranks(digest, "max")
+    if not torch.equal(low, high):
+        raise ValueError("accumulators: every rank must hold the same layer names to merge them "
+                         f"(this rank has {names})")
+    merged = {name: copy.deepcopy(accumulators[name]).sync(reduce_across_ranks) for name in names}
+    return {name: merged[name] for name in accumulators}  # this rank's (recording) order
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def reduce_across_ranks(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """``t`` reduced over ranks: ``sum``, ``max`` or ``min`` element-wise (all-reduce), or
+    ``cat``: the 1-D tensors of all ranks concatenated in rank order (all-gather). A collective."""
+    dev = _collective_device()
+    x = t.detach().to(dev).clone()
+    if kind == "cat":
+        longest = torch.tensor([x.numel()], dtype=torch.int64, device=dev)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        pad = torch.full((int(longest),), math.nan, dtype=torch.float64, device=dev)
+        pad[: x.numel()] = x.reshape(-1)
+        parts = [torch.empty_like(pad) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, pad)
+        return torch.cat([p[~torch.isnan(p)] for p in parts]).to(t.device)
+    if kind not in _OPS:
+        raise ValueError(f"kind: expected one of sum, max, min, cat, got {kind!r}")
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, _OPS[kind]))
+    return x.to(t.device)
 
 
 def _collective_device() -> torch.device:

@@ -16,15 +16,21 @@ Differences, on purpose:
 * Hooks hold the monitor weakly: ``del monitor`` (and garbage collection) removes them, as do
   ``close()``, ``remove_hooks()`` and leaving a ``with`` block, also on an exception.
 * Inside a Lyapunov estimate the twin trajectory's rows are dropped: records hold the nominal batch.
+* Monitors that read membranes ask multi-step neurons to keep every step's membrane while they
+  are attached (spikingjelly: ``store_v_seq``, restored on removal); a multi-step neuron that
+  returns only its last step's membrane is skipped with a warning saying how to record it, never
+  read as if it were a sequence.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ._checks import user_stacklevel
 from .context import active_rows, nominal_rows
 from .neurons import InstanceSpec, Layer, NeuronRegistry, find_layers
 
@@ -56,6 +62,8 @@ class BaseMonitor:
 
     def __init__(self, net: nn.Module, instance: InstanceSpec = None, *, keep_graph: bool = False,
                  registry: Optional[NeuronRegistry] = None):
+        if not isinstance(keep_graph, bool):
+            raise TypeError(f"keep_graph: expected True or False, got {keep_graph!r}")
         self.hooks: List[Any] = []
         self.records: List[Any] = []
         self.name_records_index: Dict[str, List[int]] = {}
@@ -128,6 +136,38 @@ class BaseMonitor:
     def _add(self, handle) -> None:
         self.hooks.append(handle)
 
+    def _keep_membrane_steps(self) -> None:
+        """Make multi-step neurons keep every step's membrane until the hooks are removed."""
+        self._warned_membrane: set = set()
+        for layer in self._layers:
+            if layer.adapter is not None:
+                handle = layer.adapter.record_membrane_steps(layer.module)
+                if handle is not None:
+                    self._add(handle)  # removed (the switch restored) with the hooks
+
+    def _membrane(self, layer: Layer, output) -> Optional[Tuple[torch.Tensor, bool]]:
+        """``(membrane, multistep)`` of a neuron call, twin rows dropped; None when the neuron
+        exposes none, or only the last step of a multi-step call (warned once per layer)."""
+        v = layer.adapter.membrane(layer.module, output)
+        if not isinstance(v, torch.Tensor):
+            return None
+        multi = bool(layer.adapter.multistep(layer.module, output))
+        if multi and v.dim() != layer.adapter.spikes(layer.module, output).dim():
+            if layer.name not in self._warned_membrane:
+                self._warned_membrane.add(layer.name)
+                warnings.warn(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) is multi-step but exposes "
+                    f"only its last step's membrane {tuple(v.shape)}: its membrane is not recorded "
+                    f"({layer.adapter.membrane_steps_hint} to record every step)",
+                    RuntimeWarning, stacklevel=user_stacklevel())
+            return None
+        return nominal_rows(v, time_first=multi), multi
+
+
+def _check_callable(f, name: str) -> None:
+    if not callable(f):
+        raise TypeError(f"{name}: expected a function, got {type(f).__name__} {f!r}")
+
 
 def multistep(layer: Layer, output) -> Optional[bool]:
     """Whether the layer's tensors are time-first ``(T, B, ...)``; None when it is no neuron."""
@@ -147,6 +187,7 @@ class OutputMonitor(BaseMonitor):
     def __init__(self, net: nn.Module, instance: InstanceSpec = None,
                  function_on_output: Callable = _identity, *, keep_graph: bool = False,
                  registry: Optional[NeuronRegistry] = None):
+        _check_callable(function_on_output, "function_on_output")
         super().__init__(net, instance, keep_graph=keep_graph, registry=registry)
         self.function_on_output = function_on_output
         for layer in self._layers:
@@ -165,6 +206,7 @@ class InputMonitor(BaseMonitor):
     def __init__(self, net: nn.Module, instance: InstanceSpec = None,
                  function_on_input: Callable = _identity, *, keep_graph: bool = False,
                  registry: Optional[NeuronRegistry] = None):
+        _check_callable(function_on_input, "function_on_input")
         super().__init__(net, instance, keep_graph=keep_graph, registry=registry)
         self.function_on_input = function_on_input
         for layer in self._layers:
@@ -186,6 +228,7 @@ class AttributeMonitor(BaseMonitor):
                  keep_graph: bool = False, registry: Optional[NeuronRegistry] = None):
         if not isinstance(attribute_name, str) or not attribute_name:
             raise ValueError(f"attribute_name: expected a non-empty string, got {attribute_name!r}")
+        _check_callable(function_on_attribute, "function_on_attribute")
         super().__init__(net, instance, keep_graph=keep_graph, registry=registry)
         self.attribute_name, self.pre_forward = attribute_name, bool(pre_forward)
         self.function_on_attribute = function_on_attribute
@@ -215,6 +258,7 @@ class _GradMonitor(BaseMonitor):
 
     def __init__(self, net, instance, function, keep_graph, registry, on_input: bool,
                  own_hooks: bool = True):
+        _check_callable(function, "function_on_grad_output" if not on_input else "function_on_grad_input")
         super().__init__(net, instance, keep_graph=keep_graph, registry=registry)
         self.function = function
         for layer in self._layers if own_hooks else ():  # else a caller's hook calls _watch_input

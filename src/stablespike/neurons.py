@@ -9,9 +9,14 @@ membrane potential, and whether that output is multi-step ``(T, B, ...)`` or sin
   ``init_hidden=True`` and ``output=False`` only ``spk`` comes back and ``mem`` is read from the
   module. Always single-step.
 * spikingjelly (``BaseNode``), loaded only when spikingjelly is importable: the output is the spike
-  tensor; the membrane is ``v_seq`` (multi-step with ``store_v_seq=True``) or ``v``.
+  tensor; the membrane is ``v_seq`` (multi-step with ``store_v_seq=True``) or ``v``. Monitors
+  and profilers switch ``store_v_seq`` on while they are attached (:meth:`NeuronAdapter.
+  record_membrane_steps`) and restore it when they are removed.
 * norse (``SNNCell``, ``SNN`` and their recurrent variants), loaded only when norse is importable:
-  the output is ``(z, state)`` with the membrane ``state.v``; ``SNN`` modules are multi-step.
+  the output is ``(z, state)`` with the membrane ``state.v``; ``SNN`` modules are multi-step and
+  return every step's membrane only when built with ``record_states=True`` (else the last step's).
+  Leaky integrators without a threshold (``LICell``, ``LI``, ``LIBoxCell``: readouts whose output
+  is a voltage, not spikes) are not spiking neurons and are not found.
 * any type registered with :func:`register_neuron`.
 
 Adapters also read and set a neuron's firing threshold and its per-step membrane decay (the
@@ -23,6 +28,7 @@ stablespike's own models are built from snnTorch neurons and are found through t
 from __future__ import annotations
 
 import importlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
@@ -45,7 +51,13 @@ class NeuronAdapter:
     ``single_step(module, x_t) -> output``: for multi-step types, one step on ``x_t (B, ...)``
     with the state kept in the module (the twin engine renormalizes between steps);
     ``step_state(module, x_t, state) -> (out_t, state)``: the same for multi-step types whose
-    state is passed and returned (norse's sequence modules).
+    state is passed and returned (norse's sequence modules);
+    ``accepts(module) -> bool``: whether an instance of ``types`` is a spiking neuron (norse's
+    leaky integrators share a base class with its spiking cells but have no threshold);
+    ``keep_membrane_steps(module) -> handle | None``: makes a multi-step call expose every step's
+    membrane (spikingjelly's ``store_v_seq``), the handle's ``remove()`` undoes it;
+    ``membrane_steps_hint``: how a user makes a multi-step module expose them when it cannot be
+    done from outside (norse: ``record_states=True``).
     """
 
     framework: str
@@ -59,6 +71,14 @@ class NeuronAdapter:
     state: Optional[Callable[[nn.Module, Any], Dict[str, torch.Tensor]]] = None
     single_step: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None
     step_state: Optional[Callable[[nn.Module, torch.Tensor, Any], Tuple[torch.Tensor, Any]]] = None
+    accepts: Callable[[nn.Module], bool] = lambda m: True
+    keep_membrane_steps: Optional[Callable[[nn.Module], Any]] = None
+    membrane_steps_hint: str = "register the type with a membrane= function that returns (T, B, ...)"
+
+    def record_membrane_steps(self, module: nn.Module):
+        """Ask ``module`` to keep every step's membrane while monitored; a handle whose
+        ``remove()`` restores it, or None when the adapter has no such switch."""
+        return self.keep_membrane_steps(module) if self.keep_membrane_steps else None
 
     def continuous_state(self, module: nn.Module, output) -> Dict[str, torch.Tensor]:
         """The continuous state after a call; by default the membrane, named ``membrane``."""
@@ -111,6 +131,32 @@ def _set_attribute(name: str) -> Callable[[nn.Module, Any], None]:
     return set_value
 
 
+class _RestoreAttribute:
+    """A hook-like handle: sets ``module.<name> = value``; ``remove()`` puts back the value the
+    attribute had before the first of the handles still alive on that module was made (two
+    monitors on one neuron: the first one removed leaves the switch on for the other)."""
+
+    _live: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, module: nn.Module, name: str, value):
+        self.module, self.name = module, name
+        entry = self._live.get(module)
+        if entry is None:
+            entry = self._live[module] = [0, getattr(module, name)]  # [handles alive, original]
+        entry[0] += 1
+        setattr(module, name, value)
+
+    def remove(self) -> None:
+        module, self.module = self.module, None
+        entry = self._live.get(module) if module is not None else None
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            setattr(module, self.name, entry[1])
+            del self._live[module]
+
+
 def _spikingjelly_adapter() -> Optional[NeuronAdapter]:
     neuron = _optional("spikingjelly.activation_based.neuron")
     if neuron is None:
@@ -136,9 +182,13 @@ def _spikingjelly_adapter() -> Optional[NeuronAdapter]:
     def state(module, output):
         return _tensors([("v", getattr(module, "v", None))])
 
+    def keep_steps(module):  # multi-step calls then store v_seq (T, B, ...); single-step: no effect
+        return _RestoreAttribute(module, "store_v_seq", True) if hasattr(module, "store_v_seq") else None
+
     return NeuronAdapter("spikingjelly", (neuron.BaseNode,), lambda m, out: out, membrane, multistep,
                          lambda m: m.v_threshold, _set_attribute("v_threshold"), decay, state,
-                         lambda m, x_t: m.single_step_forward(x_t))
+                         lambda m, x_t: m.single_step_forward(x_t), keep_membrane_steps=keep_steps,
+                         membrane_steps_hint="construct it with store_v_seq=True")
 
 
 def _norse_adapter() -> Optional[NeuronAdapter]:
@@ -171,9 +221,13 @@ def _norse_adapter() -> Optional[NeuronAdapter]:
         out, st = type(module).forward(module, x_t.unsqueeze(0), st)
         return out[0], st
 
+    def spiking(module):  # leaky integrators (LICell, LI, LIBoxCell) have no threshold
+        return threshold(module) is not None
+
     return NeuronAdapter("norse", cells + seqs, lambda m, out: _first(out), membrane,
                          lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay, state,
-                         step_state=step_state)
+                         step_state=step_state, accepts=spiking,
+                         membrane_steps_hint="construct it with record_states=True")
 
 
 def _optional(module_name: str):
@@ -199,6 +253,13 @@ class NeuronRegistry:
         calibration); ``decay(module) -> float``: the membrane kept per step (for fluctuation_init)."""
         if not isinstance(neuron_type, type) or not issubclass(neuron_type, nn.Module):
             raise TypeError(f"neuron_type: expected an nn.Module subclass, got {neuron_type!r}")
+        for arg, value in (("spikes", spikes), ("membrane", membrane), ("decay", decay)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{arg}: expected a function (module, output) or None, got {value!r}")
+        if threshold is not None and not isinstance(threshold, str):
+            raise TypeError(f"threshold: expected the name of an attribute (str) or None, got {threshold!r}")
+        if not isinstance(multistep, bool):
+            raise TypeError(f"multistep: expected True or False, got {multistep!r}")
         default_membrane = lambda m, out: getattr(m, "mem", getattr(m, "v", None))  # noqa: E731
         self._custom[neuron_type] = NeuronAdapter(
             "registered", (neuron_type,), spikes or (lambda m, out: _first(out)),
@@ -217,7 +278,7 @@ class NeuronRegistry:
 
     def adapter_for(self, module: nn.Module) -> Optional[NeuronAdapter]:
         for adapter in self.adapters():
-            if isinstance(module, adapter.types):
+            if isinstance(module, adapter.types) and adapter.accepts(module):
                 return adapter
         return None
 
@@ -290,6 +351,9 @@ def find_layers(model: nn.Module, instance: InstanceSpec = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"net: expected an nn.Module, got {type(model).__name__}")
+    _check_instance(instance)
+    if registry is not None and not isinstance(registry, NeuronRegistry):
+        raise TypeError(f"registry: expected a NeuronRegistry or None, got {type(registry).__name__}")
     registry = registry or DEFAULT_REGISTRY
     layers = []
     for name, module in model.named_modules():
@@ -303,6 +367,14 @@ def find_layers(model: nn.Module, instance: InstanceSpec = None,
                 "stablespike.register_neuron)") if instance is None else f"no modules of type {instance!r}"
         raise ValueError(f"net: {type(model).__name__} has {what}")
     return layers
+
+
+def _check_instance(instance: InstanceSpec) -> None:
+    """``instance``: None, a class, or a tuple of classes (as ``isinstance`` takes them)."""
+    classes = instance if isinstance(instance, tuple) else (instance,)
+    if instance is not None and (not classes or not all(isinstance(c, type) for c in classes)):
+        raise TypeError(f"instance: expected None, a module class or a tuple of module classes, "
+                        f"got {type(instance).__name__} {instance!r}")
 
 
 def find_neurons(model: nn.Module, registry: Optional[NeuronRegistry] = None) -> List[Tuple[str, nn.Module]]:

@@ -6,20 +6,23 @@
     print(report.summary())
 
 or, with no manual recording at all, ``SpikeProfiler().attach(model)``: every spiking neuron is
-recorded through hooks (spikes and membranes on forward, the surrogate gradient reaching each
-neuron's input on backward). Statistics are the streaming accumulators of :mod:`stablespike.stats`
+recorded through hooks (spikes and membranes on forward, the layer gradient norm on backward: per
+backward pass, the norm of the gradient reaching each neuron's input current, as defined in
+:mod:`stablespike.stats`). Statistics are the streaming accumulators of :mod:`stablespike.stats`
 (rates averaged over time steps and samples, never summed over the batch); decisions are the rules
 of :mod:`stablespike.rules`; rendering is in :mod:`stablespike.report`.
 
 Layouts for ``record_step``: ``(N,)`` one sample, ``(B, N)`` one time step, ``(T, B, N)`` T time
-steps; other ranks need ``multistep=True/False``. Spikes that are not 0/1 are counted as a spike
-where > 0, with a warning naming the layer.
+steps; other ranks need ``multistep=True/False``. Spikes may be bool, integer or floating; they
+are checked once per layer: spikes that are not 0/1 there are counted from then on as a spike
+where > 0, with a warning naming the layer. NaN or inf in spikes, voltages or gradients is a
+CRITICAL ``non_finite`` finding naming the layer and the first step (backward pass, for
+gradients) that carried it.
 """
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -30,10 +33,12 @@ from torch import nn
 from .distributed import merge_across_ranks, should_sync
 from ._checks import user_stacklevel
 from .context import nominal_rows
-from .monitor import BaseMonitor, _GradMonitor, _identity, membrane_time_first
+from .monitor import BaseMonitor
 from .neurons import InstanceSpec, Layer, NeuronRegistry
-from .rules import Pathology, Severity, Thresholds, activity_rules, gradient_explosion, gradient_vanishing
-from .stats import FiringRate, GradNorm, MembraneStats
+from .rules import (Pathology, Severity, Thresholds, activity_rules, gradient_explosion, gradient_vanishing,
+                    non_finite)
+from .stats import FiringRate, GradNorm, MembraneStats, Reduce
+from .streaming import LayerGradNorms
 
 # health score factors (see ProfileReport.health_score)
 _LAYER_FACTOR = {Severity.CRITICAL: 0.0, Severity.WARNING: 0.75, Severity.INFO: 1.0}
@@ -130,7 +135,15 @@ class _LayerRecord:
         self.membrane = MembraneStats(extremes=False)  # the rules read mean and std only
         self.grad = GradNorm()
         self.voltage_steps = 0
-        self.warned_nonbinary = False
+        self.binary: Optional[bool] = None  # spikes checked once: None until the first record
+
+    def sync(self, reduce: Reduce) -> "_LayerRecord":
+        """All ranks' shares of the same steps (see :meth:`merge`), through collectives."""
+        self.rate.sync(reduce)
+        self.membrane.sync(reduce)
+        self.grad.sync(reduce)
+        self.voltage_steps = int(reduce(torch.tensor(float(self.voltage_steps), dtype=torch.float64), "max"))
+        return self
 
     def merge(self, other: "_LayerRecord") -> "_LayerRecord":
         """Another share of the same steps (another rank's samples): counts add up; the number
@@ -150,11 +163,9 @@ class SpikeProfiler:
     """
 
     def __init__(self, thresholds: Optional[Thresholds] = None, **overrides):
-        self.thresholds = thresholds or Thresholds()
-        for key, value in overrides.items():
-            if not hasattr(self.thresholds, key):
-                raise TypeError(f"{key}: not a threshold; expected one of {list(Thresholds().__dict__)}")
-            setattr(self.thresholds, key, value)
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise TypeError(f"thresholds: expected a Thresholds or None, got {type(thresholds).__name__}")
+        self.thresholds = (thresholds or Thresholds()).replace(**overrides)
         self._layers: Dict[str, _LayerRecord] = {}
         self._monitors: List[BaseMonitor] = []
 
@@ -162,47 +173,63 @@ class SpikeProfiler:
     def record_step(self, layer: str, spikes, voltages=None, gradients=None, *,
                     multistep: Optional[bool] = None) -> None:
         """Record one step (or ``T`` steps) of ``layer``; torch tensors or numpy arrays."""
-        rec = self._layers.setdefault(str(layer), _LayerRecord())
+        if not isinstance(layer, str):
+            raise TypeError(f"layer: expected a layer name (str), got {type(layer).__name__} {layer!r}")
+        if multistep is not None and not isinstance(multistep, bool):
+            raise TypeError(f"multistep: expected True, False or None, got {multistep!r}")
         spikes = _as_tensor(spikes, "spikes", layer)
         multi = _multistep(spikes, multistep, layer)
+        v = g = None
+        if voltages is not None:
+            v = _as_tensor(voltages, "voltages", layer)
+            v = v.unsqueeze(0) if v.dim() == 1 else v
+        if gradients is not None:
+            g = _as_tensor(gradients, "gradients", layer)
+        rec = self._layers.get(layer) or self._layers.setdefault(layer, _LayerRecord())
         if spikes.dim() == 1:
             spikes = spikes.unsqueeze(0)
         spikes = self._binary(rec, spikes, layer)
         _guard(lambda: rec.rate.update(spikes, multi), layer)
-        if voltages is not None:
-            v = _as_tensor(voltages, "voltages", layer)
-            if v.is_floating_point() and not torch.isfinite(v.sum()):
-                raise ValueError(f"voltages of layer {layer!r}: expected finite values, got NaN/inf")
-            v = v.unsqueeze(0) if v.dim() == 1 else v
+        if v is not None:
             _guard(lambda: rec.membrane.update(v, multi), layer)
             rec.voltage_steps += v.shape[0] if multi else 1
-        if gradients is not None:
-            rec.grad.update(_as_tensor(gradients, "gradients", layer))
+        if g is not None:
+            _guard(lambda: rec.grad.update(g), layer)
 
     def _binary(self, rec: _LayerRecord, spikes: torch.Tensor, layer: str) -> torch.Tensor:
-        if spikes.dtype == torch.bool:
-            return spikes.float()
-        if not bool(((spikes == 0) | (spikes == 1)).all()):
-            if not rec.warned_nonbinary:
+        """Spikes to count: checked once per layer (bool and integer 0/1 pass as they are, since
+        the accumulators count any dtype exactly); a layer whose first spikes are not 0/1 is
+        counted as ``spikes > 0`` from then on, with one warning."""
+        if rec.binary is None:
+            if spikes.is_complex():
+                raise TypeError(f"spikes of layer {layer!r}: expected bool, integer or floating values, "
+                                f"got dtype {spikes.dtype}")
+            finite = spikes[torch.isfinite(spikes)] if spikes.is_floating_point() else spikes
+            rec.binary = spikes.dtype == torch.bool or bool(((finite == 0) | (finite == 1)).all())
+            if not rec.binary:
                 warnings.warn(f"spikes of layer {layer!r} are not 0/1; values > 0 count as one spike",
                               RuntimeWarning, stacklevel=user_stacklevel())
-                rec.warned_nonbinary = True
-            return (spikes > 0).float()
-        return spikes if spikes.is_floating_point() else spikes.float()
+        if rec.binary:
+            return spikes
+        counted = (spikes > 0).float()
+        if spikes.is_floating_point():  # keep NaN / inf visible to the non-finite check
+            counted = torch.where(torch.isfinite(spikes), counted, spikes.float())
+        return counted
 
     def attach(self, model: nn.Module, instance: InstanceSpec = None, *,
-               registry: Optional[NeuronRegistry] = None, grad_every: int = 4) -> "SpikeProfiler":
+               registry: Optional[NeuronRegistry] = None, grad_every: int = 1) -> "SpikeProfiler":
         """Record every spiking neuron of ``model`` through hooks until :meth:`detach`.
 
-        Spikes and membranes are recorded at every time step. The gradient reaching each
-        neuron layer is measured at every ``grad_every``-th time step of a pass (steps 0,
-        ``grad_every``, ...) and its squared norm scaled to all the steps of the pass: the rules
-        compare norms across layers and passes, which a sample of steps estimates at a quarter
-        of the cost (``grad_every=1`` measures every step).
+        Spikes and membranes are recorded at every time step (multi-step spikingjelly neurons
+        keep ``v_seq`` while attached; a multi-step neuron exposing only its last membrane is
+        skipped with a warning). The layer gradient norm (per backward pass, see
+        :mod:`stablespike.stats`) is measured at every step; ``grad_every=k > 1`` measures every
+        k-th step of a pass and scales the pass's sum of squares to all its steps, an estimate
+        of the same quantity at about 1/k of the cost.
         """
-        if int(grad_every) != grad_every or grad_every < 1:
+        if isinstance(grad_every, bool) or not isinstance(grad_every, int) or grad_every < 1:
             raise ValueError(f"grad_every: expected an integer >= 1, got {grad_every!r}")
-        grads = _ProfilerGradHooks(self, model, instance, registry, int(grad_every))
+        grads = LayerGradNorms(model, instance, registry, self._add_grad_norm, grad_every, own_hooks=False)
         self._monitors.append(_ProfilerHooks(self, model, instance, registry, grads))
         self._monitors.append(grads)
         return self
@@ -215,8 +242,11 @@ class SpikeProfiler:
 
     def _flush_passes(self) -> None:
         for monitor in self._monitors:  # the backward pass still summed in the gradient hooks
-            if isinstance(monitor, _ProfilerGradHooks):
+            if isinstance(monitor, LayerGradNorms):
                 monitor.flush()
+
+    def _add_grad_norm(self, name: str, norm: torch.Tensor) -> None:
+        self._layers.setdefault(name, _LayerRecord()).grad.add_norm(norm)
 
     close = detach
 
@@ -244,6 +274,7 @@ class SpikeProfiler:
                 continue
             stats[name] = s = _layer_stats(name, rec, th)
             found += activity_rules(name, s.firing_rates, s.voltage_std, s.voltage_steps, th)
+        found += _non_finite(layers)
         found += self._gradient_pathologies(layers)
         return ProfileReport(stats, found, th)
 
@@ -260,6 +291,18 @@ class SpikeProfiler:
             found.append(gradient_vanishing(first, g0.compute()["mean"], last, g1.compute()["mean"],
                                             self.thresholds))
         return [p for p in found if p is not None]
+
+
+def _non_finite(layers: Dict[str, "_LayerRecord"]) -> List[Pathology]:
+    """One CRITICAL finding per layer and quantity that carried NaN / inf, with its first step."""
+    found = []
+    for name, rec in layers.items():
+        for what, acc, unit in (("spikes", rec.rate, "time step"), ("membrane", rec.membrane, "time step"),
+                                ("gradient", rec.grad, "backward pass")):
+            acc._flush()
+            if math.isfinite(acc.first_nonfinite):
+                found.append(non_finite(name, what, int(acc.first_nonfinite), unit))
+    return found
 
 
 def _layer_stats(name: str, rec: _LayerRecord, th: Thresholds) -> LayerStats:
@@ -311,13 +354,15 @@ class _ProfilerHooks(BaseMonitor):
     """Forward hooks feeding a profiler: spikes and membranes of every monitored neuron, reduced
     in the hook while they are still in cache (a few in-place operations per step)."""
 
-    def __init__(self, profiler: SpikeProfiler, net, instance, registry, grads: "_ProfilerGradHooks"):
+    def __init__(self, profiler: SpikeProfiler, net, instance, registry, grads: LayerGradNorms):
         super().__init__(net, instance, registry=registry)
         self.profiler, self.grads = profiler, grads
         for layer in self._layers:
             if layer.adapter is None:
                 raise ValueError(f"instance: the profiler needs spiking neurons; layer {layer.name!r} "
                                  f"({type(layer.module).__name__}) is not one")
+        self._keep_membrane_steps()
+        for layer in self._layers:
             self._add(layer.module.register_forward_hook(self._hook(_ProfilerHooks._on_output, layer)))
 
     def _on_output(self, layer: Layer, inputs, output) -> None:
@@ -326,48 +371,8 @@ class _ProfilerHooks(BaseMonitor):
         rec = self.profiler._layers.get(layer.name) or self.profiler._layers.setdefault(layer.name, _LayerRecord())
         multi = layer.adapter.multistep(layer.module, output)
         rec.rate.update(nominal_rows(layer.adapter.spikes(layer.module, output), time_first=multi), multi)
-        v = layer.adapter.membrane(layer.module, output)
-        if v is not None:
-            v = nominal_rows(v, time_first=membrane_time_first(layer, output, v))
+        found = self._membrane(layer, output)
+        if found is not None:
+            v, multi = found
             rec.membrane.update(v, multi)
             rec.voltage_steps += v.shape[0] if multi else 1
-
-
-class _ProfilerGradHooks(_GradMonitor):
-    """Gradient hooks feeding a profiler: the norm of the gradient reaching each neuron's input
-    (after the surrogate derivative), one norm per layer and backward pass (summed in square over
-    the time steps of the pass), so that the rules compare training steps, not time steps.
-    Every ``every``-th step of a pass is measured; the pass's sum of squares is scaled by
-    steps / measured steps."""
-
-    def __init__(self, profiler: SpikeProfiler, net, instance, registry, every: int = 1):
-        super().__init__(net, instance, _identity, False, registry, on_input=True, own_hooks=False)
-        self.profiler, self.every = profiler, every
-        self._pass_sq: Dict[str, list] = {}
-        self._pass_steps: Dict[str, int] = {}
-        ref = weakref.ref(self)
-
-        def new_pass(module, args):  # a new forward of the net: the previous pass is complete
-            hooks = ref()
-            if hooks is not None:
-                hooks.flush()
-        self._add(net.register_forward_pre_hook(new_pass))
-
-    def watch_step(self, layer: Layer, inputs) -> None:
-        """Called by the forward hook at every step of ``layer``; watches every ``every``-th."""
-        step = self._pass_steps.get(layer.name, 0)
-        self._pass_steps[layer.name] = step + 1
-        if step % self.every == 0:
-            self._watch_input(layer, inputs)
-
-    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
-        flat = grad.reshape(-1)
-        self._pass_sq.setdefault(name, []).append(torch.dot(flat, flat))  # one BLAS call, no sync
-
-    def flush(self) -> None:
-        """Hand the finished pass's per-layer norms to the profiler."""
-        for name, squares in self._pass_sq.items():
-            steps = max(self._pass_steps.get(name, 0), len(squares))
-            total = torch.stack(squares).to(torch.float64).sum() * (steps / len(squares))
-            self.profiler._layers.setdefault(name, _LayerRecord()).grad.add_norm(total.sqrt())
-        self._pass_sq, self._pass_steps = {}, {}

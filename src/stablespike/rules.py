@@ -8,7 +8,7 @@ threshold arguments and ignored them). A rule's message quotes the numbers it de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace as _replace
 from enum import Enum
 from typing import List, Optional, Sequence
 
@@ -39,7 +39,9 @@ class Pathology:
 
 @dataclass
 class Thresholds:
-    """Every threshold of every rule (defaults: seed 003's table and seed 000's diagnosis)."""
+    """Every threshold of every rule (defaults: seed 003's table and seed 000's diagnosis), the
+    one place they are defined: the profiler, the stability monitor and the depth benchmark read
+    the same object. Each field is checked when it is set (ValueError naming it)."""
 
     dead_rate: float = 0.01          # a neuron firing below this is dead
     dead_warning: float = 0.10       # fraction of dead neurons for a WARNING
@@ -49,13 +51,63 @@ class Thresholds:
     silent_max_rate: float = 0.001   # a layer whose fastest neuron fires below this is silent
     voltage_std: float = 1e-6        # membrane std below this is a voltage collapse ...
     voltage_min_steps: int = 10      # ... judged only with more than this many recorded steps
-    explosion_ratio: float = 100.0   # largest gradient norm / median gradient norm
-    vanishing_ratio: float = 100.0   # last layer's mean gradient norm / first layer's
+    explosion_ratio: float = 100.0   # largest layer gradient norm / median one
+    vanishing_ratio: float = 100.0   # last layer's mean layer gradient norm / first layer's
     chaos: float = 0.5               # Lyapunov exponent above this: chaotic
     over_stable: float = -0.5        # ... below this: over-stable
-    condition_warning: float = 1e4   # gradient condition number
-    condition_critical: float = 1e6
-    trend_ratio: float = 10.0        # recent / early mean gradient norm for an exploding trend
+    # effective gradient condition number (over the numerical rank; stability.effective_condition).
+    # A healthy 64-wide first layer on digits measures ~1e5 (constant pixels, fast-decaying
+    # spectrum); float32 gradients cannot resolve more than 1 / (max(M, N) eps).
+    condition_warning: float = 1e6
+    condition_critical: float = 1e8
+    trend_ratio: float = 10.0        # recent / early mean parameter gradient norm for a trend
+
+    def __setattr__(self, name: str, value) -> None:
+        check = _CHECKS.get(name)
+        if check is not None:
+            value = check(name, value)
+        object.__setattr__(self, name, value)
+
+    def replace(self, **changes) -> "Thresholds":
+        """A copy with ``changes`` applied (each named field checked; an unknown name is a
+        TypeError naming it)."""
+        known = [f.name for f in fields(self)]
+        for key in changes:
+            if key not in known:
+                raise TypeError(f"{key}: not a threshold; expected one of {known}")
+        return _replace(self, **changes)
+
+
+def _number(name: str, value, low: float = -math.inf, high: float = math.inf,
+            low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}: expected a number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _rate(name, value):
+    return _number(name, value, 0.0, 1.0)
+
+
+def _positive(name, value):
+    return _number(name, value, 0.0, low_open=True)
+
+
+def _steps(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+_CHECKS = {"dead_rate": _rate, "dead_warning": _rate, "dead_critical": _rate,
+           "saturated_rate": _rate, "saturated_warning": _rate, "silent_max_rate": _rate,
+           "voltage_std": lambda n, v: _number(n, v, 0.0), "voltage_min_steps": _steps,
+           "explosion_ratio": _positive, "vanishing_ratio": _positive, "chaos": _number,
+           "over_stable": _number, "condition_warning": _positive, "condition_critical": _positive,
+           "trend_ratio": _positive}
 
 
 def _pct(x: float) -> str:
@@ -116,6 +168,14 @@ def activity_rules(layer: str, rates: np.ndarray, voltage_std: float, voltage_st
     return [p for p in found if p is not None]
 
 
+def non_finite(layer: str, what: str, step: int, unit: str = "time step") -> Pathology:
+    """NaN or inf in a layer's ``what`` (spikes, membrane, gradient), first at ``step``."""
+    return Pathology(Severity.CRITICAL, "non_finite", layer,
+                     f"NaN/inf in the {what} of {layer!r}, first at {unit} {step}",
+                     "check for NaN weights or inputs, a learning rate that diverged, or a "
+                     "division by zero; clip gradients and lower the learning rate")
+
+
 # --- gradient rules ------------------------------------------------------------------------------
 
 def gradient_explosion(norms: Sequence[float], th: Thresholds, layer: str = "(network)") -> Optional[Pathology]:
@@ -152,12 +212,15 @@ def gradient_vanishing(first: str, first_norm: float, last: str, last_norm: floa
 
 
 def condition_number(cond: Optional[float], th: Thresholds) -> Optional[Pathology]:
+    """``cond``: the *effective* gradient condition number (largest singular value over the
+    smallest one within the numerical rank; see ``stability.effective_condition``), never the
+    raw largest / (smallest + 1e-12), which is huge for every rank-deficient weight gradient."""
     if cond is None or not cond > th.condition_warning:
         return None
     severity = Severity.CRITICAL if cond > th.condition_critical else Severity.WARNING
     limit = th.condition_critical if severity is Severity.CRITICAL else th.condition_warning
     return Pathology(severity, "ill_conditioned_gradients", "(network)",
-                     f"gradient condition number {cond:.2e} > {limit:.0e}",
+                     f"effective gradient condition number {cond:.2e} > {limit:.0e}",
                      "lower the learning rate, normalize layers, or regularize the dynamics")
 
 
