@@ -29,15 +29,15 @@ from .models import (
 from .monitor import (AttributeMonitor, GradInputMonitor, GradOutputMonitor, InputMonitor,
                       OutputMonitor)
 from .neurons import find_neurons, register_neuron
-from .stats import FiringRate, GradNorm, MembraneStats
-from .streaming import FiringRateMonitor, GradNormMonitor, MembraneMonitor
+from .stats import FiringRate, GradNorm, MembraneStats, Statistic, parameter_gradient_norm
+from .streaming import FiringRateMonitor, GradNormMonitor, LayerGradNorms, MembraneMonitor
 from .surrogate import FastSigmoid, fast_sigmoid
 from .rules import Pathology, Severity, Thresholds
 from .profiler import LayerStats, ProfileReport, SpikeProfiler
 from .stability import (StabilityMetrics, StabilityMonitor, analyze_weight_spectrum,
-                        compute_spectral_radius)
+                        compute_spectral_radius, effective_condition)
 from .callbacks import DiagnosticsCallback
-from .init import CalibrationReport, calibrate, fluctuation_init
+from .init import CalibrationReport, ThresholdBalancer, calibrate, fluctuation_init
 
 __version__ = "0.1.0"
 
@@ -50,9 +50,11 @@ __all__ = [
     "SpikingVGGBlock", "create_snn",
     "FastSigmoid", "fast_sigmoid",
     "OutputMonitor", "InputMonitor", "AttributeMonitor", "GradOutputMonitor", "GradInputMonitor",
-    "find_neurons", "register_neuron", "FiringRate", "MembraneStats", "GradNorm",
-    "FiringRateMonitor", "MembraneMonitor", "GradNormMonitor",
+    "find_neurons", "register_neuron", "FiringRate", "MembraneStats", "GradNorm", "Statistic",
+    "parameter_gradient_norm", "FiringRateMonitor", "MembraneMonitor", "GradNormMonitor",
+    "LayerGradNorms",
     "Pathology", "Severity", "Thresholds", "LayerStats", "ProfileReport", "SpikeProfiler",
     "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius",
-    "DiagnosticsCallback", "CalibrationReport", "calibrate", "fluctuation_init",
+    "effective_condition", "DiagnosticsCallback", "CalibrationReport", "ThresholdBalancer",
+    "calibrate", "fluctuation_init",
 ]
