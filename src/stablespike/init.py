@@ -425,11 +425,16 @@ def calibrate(model: nn.Module, x: torch.Tensor, *, target_rate: float = 0.1, to
             row.converged = not row.restored and abs(row.rate_after - target) <= tolerance
         return report
     except BaseException:  # an error or an interrupt half-way: the model as found
-        for set_log in reversed(undo):  # the latest first: a module touched twice ends as found
-            set_log(0.0)
+        _restore(undo)
         raise
     finally:
         session.close()
+
+
+def _restore(undo: List[Callable[[float], None]]) -> None:
+    """Every knob touched set back as found, the latest first (a module touched twice ends as found)."""
+    for set_log in reversed(undo):
+        set_log(0.0)
 
 
 def _prepare(session: _Session, layers: List[Layer], default_forward: bool, tolerance: float,
@@ -513,8 +518,7 @@ def fluctuation_init(model: nn.Module, x: torch.Tensor, *, target_rate: float = 
             row.converged = abs(row.rate_after - target) <= target / 2
         return report
     except BaseException:  # an error or an interrupt half-way: the model as found
-        for set_log in reversed(undo):  # the latest first: a module touched twice ends as found
-            set_log(0.0)
+        _restore(undo)
         raise
     finally:
         session.close()
