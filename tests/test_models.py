@@ -132,8 +132,10 @@ def test_sequence_models_reject_bad_input(x, match):
 
 def test_vgg_rejects_wrong_image_shape_and_bad_config():
     model = SpikingVGG(3, 10, 4, 2, 1, input_size=32)
-    with pytest.raises(ValueError, match=r"\(3, 32, 32\)"):
-        model(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(32, 32\)"):
+        model(torch.rand(2, 3, 28, 28))
     with pytest.raises(ValueError, match="num_stages"):
         SpikingVGG(num_stages=0)
     with pytest.raises(ValueError, match="hidden_dims"):
@@ -156,3 +158,33 @@ def test_float64_twins_keep_float32_model_and_its_batch_norm_statistics():
     lyap.backward()
     grad = b.stages[1][0].conv.weight.grad
     assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_seed_signature_vgg_takes_any_image_size_with_the_logits_of_for_input(channels, size):
+    kw = dict(num_classes=10, base_channels=8, num_stages=3, blocks_per_stage=1, T=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = SpikingVGG(in_channels=channels, **kw)  # seed 002's signature: no size given
+    x = 3 * torch.rand(4, channels, size, size)
+    logits = model(x)[0]
+    reference = SpikingVGG.for_input((channels, size, size), **kw)
+    reference.load_state_dict(model.state_dict())
+    assert logits.abs().sum() > 0  # not a silent network, where any two models agree
+    assert torch.equal(reference(x)[0], logits)
+    # the readout's size follows the pooling rule: each stage halves H and W while both are >= 2
+    h = size
+    for _ in range(3):
+        h = h // 2 if h >= 2 else h
+    assert model.fc.weight.shape == (10, 32 * h * h)
+
+
+def test_vgg_refuses_a_second_image_size_and_empty_images_naming_the_size():
+    model = SpikingVGG(in_channels=1, num_classes=2, base_channels=4, num_stages=2, blocks_per_stage=1)
+    model(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"size \(H, W\) = \(28, 28\)"):
+        model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="empty"):
+        SpikingVGG(in_channels=1, num_classes=2)(torch.rand(2, 1, 0, 8))
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.rand(2, 3, 28, 28))

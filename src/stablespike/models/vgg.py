@@ -1,8 +1,9 @@
 """Scalable spiking VGG (seed 002): stages of conv-BN-LIF blocks with average pooling, then a readout.
 
-Unlike the seed, every shape follows from ``in_channels`` and ``input_size``: no 32x32 or 64-channel
-assumption. A stage whose input is already 1 pixel wide skips its pooling, so 8x8 inputs work with
-4 stages.
+Unlike the seed, every shape follows from the input: no 32x32 or 64-channel assumption. Images of
+any size ``(C, H, W)`` with ``H, W >= 1`` work: a stage whose input is already 1 pixel high or
+wide skips its pooling (so 8x8 inputs work with 4 stages), and the readout's input size is taken
+from the first batch unless ``input_size`` is given (later batches must have the same size).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class SpikingVGG(SeedModel):
     Args (seed 002 names and defaults): in_channels, num_classes, base_channels (doubled each
     stage, capped at 512), num_stages, blocks_per_stage, T (time steps for a static image), beta,
     threshold, dropout (before the readout), stable_init (orthogonal/scaled-down weights);
-    plus ``input_size`` (int or (H, W)) and ``spike_grad``.
+    plus ``input_size`` (int or (H, W); default: the size of the first batch) and ``spike_grad``.
 
     State: per block ``mem_l`` then per block ``spk_l``, each ``(B, C_l, H_l, W_l)``.
     """
@@ -47,7 +48,7 @@ class SpikingVGG(SeedModel):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, base_channels: int = 64,
                  num_stages: int = 3, blocks_per_stage: int = 2, T: int = 4, beta: float = 0.9,
                  threshold: float = 1.0, dropout: float = 0.25, stable_init: bool = False,
-                 input_size: Union[int, Tuple[int, int]] = 32, spike_grad=None):
+                 input_size: Optional[Union[int, Tuple[int, int]]] = None, spike_grad=None):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("num_classes", num_classes),
                         ("base_channels", base_channels), ("num_stages", num_stages),
@@ -57,24 +58,36 @@ class SpikingVGG(SeedModel):
         self.num_stages, self.blocks_per_stage = num_stages, blocks_per_stage
         self.total_conv_layers = num_stages * blocks_per_stage
         self.stable_init = stable_init
-        self.input_size = _pair(input_size)
         spike_grad = spike_grad or fast_sigmoid(25)
 
-        self.stages, self.pools, self._block_shapes = nn.ModuleList(), nn.ModuleList(), []
-        ch_in, ch_out, (h, w) = in_channels, base_channels, self.input_size
+        self.stages, self.channels = nn.ModuleList(), []  # channels: per stage
+        ch_in, ch_out = in_channels, base_channels
         for _ in range(num_stages):
-            blocks = nn.ModuleList()
-            for b in range(blocks_per_stage):
-                blocks.append(SpikingVGGBlock(ch_in if b == 0 else ch_out, ch_out, beta, threshold, spike_grad))
-                self._block_shapes.append((ch_out, h, w))
-            self.stages.append(blocks)
+            self.stages.append(nn.ModuleList(
+                SpikingVGGBlock(ch_in if b == 0 else ch_out, ch_out, beta, threshold, spike_grad)
+                for b in range(blocks_per_stage)))
+            self.channels.append(ch_out)
+            ch_in, ch_out = ch_out, min(ch_out * 2, CHANNEL_CAP)
+        self.dropout = nn.Dropout(dropout)
+        self.input_size: Optional[Tuple[int, int]] = None
+        self.pools, self._block_shapes = nn.ModuleList(), []
+        if input_size is None:
+            self.fc = _LazyReadout(num_classes, stable=stable_init)
+        else:
+            h, w = self._set_input_size(_pair(input_size))
+            self.fc = nn.Linear(self.channels[-1] * h * w, num_classes)
+        self._init_weights_stable() if stable_init else self._init_weights()
+
+    def _set_input_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """Pools and block shapes for images of ``size`` (H, W); returns the final map's (h, w)."""
+        self.input_size, (h, w) = size, size
+        self.pools, self._block_shapes = nn.ModuleList(), []
+        for ch in self.channels:
+            self._block_shapes += [(ch, h, w)] * self.blocks_per_stage
             can_pool = h >= 2 and w >= 2
             self.pools.append(nn.AvgPool2d(2) if can_pool else nn.Identity())
             h, w = (h // 2, w // 2) if can_pool else (h, w)
-            ch_in, ch_out = ch_out, min(ch_out * 2, CHANNEL_CAP)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(ch_in * h * w, num_classes)
-        self._init_weights_stable() if stable_init else self._init_weights()
+        return h, w
 
     @classmethod
     def for_input(cls, shape: Sequence[int], **kwargs) -> "SpikingVGG":
@@ -86,7 +99,7 @@ class SpikingVGG(SeedModel):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and not isinstance(m, _LazyReadout):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -97,7 +110,7 @@ class SpikingVGG(SeedModel):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 with torch.no_grad():
                     m.weight.mul_(scale)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and not isinstance(m, _LazyReadout):
                 nn.init.orthogonal_(m.weight, gain=scale)
                 nn.init.zeros_(m.bias)
 
@@ -107,6 +120,9 @@ class SpikingVGG(SeedModel):
 
     # --- stepper protocol -------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None):
+        if self.input_size is None:
+            raise ValueError("input_size: unknown until the model has seen a batch; call the model "
+                             "once or build it with input_size=(H, W) before stepping it directly")
         return zeros_state(self._block_shapes * 2, batch_size, device, dtype)
 
     def state_spec(self):
@@ -143,12 +159,15 @@ class SpikingVGG(SeedModel):
             ``(logits (B, num_classes), lyap_est or None, recordings or None)``.
         """
         check_tensor(x, "x", ndims=(4, 5), layout="(B, C, H, W) or (T, B, C, H, W)", floating=True)
-        expected = (self.in_channels, *self.input_size)
-        if tuple(x.shape[-3:]) != expected:
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"x: expected images with in_channels={self.in_channels} channels "
+                             f"(B, C, H, W), got {describe(x)}")
+        if self.input_size is None:  # the first batch sets the size (and the readout's input)
+            self._set_input_size(tuple(x.shape[-2:]))
+        if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(
-                f"x: expected images of shape (C, H, W) = {expected} (in_channels, input_size), "
-                f"got {describe(x)}; build the model with SpikingVGG.for_input(x.shape[-3:])"
-            )
+                f"x: expected images of size (H, W) = {self.input_size} (input_size, or the size of "
+                f"the first batch), got {describe(x)}; build one model per image size")
         x_tf = x.unsqueeze(0).expand(self.T, *x.shape) if x.dim() == 4 else x
         return self._forward(
             x_tf, 1, compute_lyapunov, lyap_eps, lyap_layers, record_states,
@@ -157,6 +176,25 @@ class SpikingVGG(SeedModel):
 
     def _logits(self, outputs: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(outputs.sum(dim=0)))
+
+
+class _LazyReadout(nn.LazyLinear):
+    """The readout ``Linear``, its input size (channels x pixels of the last feature map) taken
+    from the first batch; initialized as the model's other linears (Xavier, or orthogonal with
+    gain 0.5 for ``stable_init``) once that size is known."""
+
+    def __init__(self, out_features: int, stable: bool):
+        self.stable = stable
+        super().__init__(out_features)
+
+    def reset_parameters(self) -> None:
+        if self.has_uninitialized_params() or self.in_features == 0:
+            return
+        if self.stable:
+            nn.init.orthogonal_(self.weight, gain=0.5)
+        else:
+            nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
 
 
 def _pair(size) -> Tuple[int, int]:
