@@ -41,6 +41,8 @@ class SpikingVGG(SeedModel):
     stage, capped at 512), num_stages, blocks_per_stage, T (time steps for a static image), beta,
     threshold, dropout (before the readout), stable_init (orthogonal/scaled-down weights);
     plus ``input_size`` (int or (H, W); default: the size of the first batch) and ``spike_grad``.
+    Without ``input_size`` the readout is a lazy ``Linear`` until the first batch: wrap the model
+    in ``DistributedDataParallel`` only after one forward (or build it with ``for_input``).
 
     State: per block ``mem_l`` then per block ``spk_l``, each ``(B, C_l, H_l, W_l)``.
     """
