@@ -67,7 +67,7 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     (["bench", "depth-scaling", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["bench", "depth-scaling", "--reg_type", "l3"], "invalid choice: 'l3'"),
     (["bench", "depth-scaling", "--depths", "0", "2"], "expected an integer >= 1"),
-    (["bench", "depth-scaling", "--surrogate_slope", "0", "--depths", "1"], "surrogate_slope: expected a positive number"),
+    (["bench", "depth-scaling", "--surrogate_slope", "0", "--depths", "1"], "--surrogate_slope: expected a finite number > 0"),
 ])
 def test_cli_rejects_bad_arguments_with_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -87,3 +87,19 @@ def test_regularizer_warmup_is_linear_over_epochs():
         LyapunovRegularizer(warmup_epochs=-1)
     with pytest.raises(ValueError, match="weight"):
         LyapunovRegularizer(weight=-1.0)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(target=float("nan")), "target"), (dict(threshold=float("inf")), "threshold"),
+    (dict(weight=float("nan")), "weight"), (dict(weight=float("inf")), "weight"),
+    (dict(warmup_epochs=1.5), "warmup_epochs"), (dict(warmup_epochs=True), "warmup_epochs"),
+])
+def test_regularizer_refuses_values_that_would_train_silently_wrong(kwargs, name):
+    # a NaN target makes every penalty NaN: the run would be recorded as diverged
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        LyapunovRegularizer(**kwargs)
+
+
+def test_penalty_refuses_a_non_finite_target():
+    with pytest.raises(ValueError, match="lambda_target: expected a finite number, got nan"):
+        compute_lyap_reg_loss(torch.tensor(0.5), "squared", float("nan"))

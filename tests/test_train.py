@@ -84,3 +84,128 @@ def test_a_huge_learning_rate_is_recorded_as_diverged(digits):
     torch.manual_seed(3)
     result = fit(SpikingMLP(64, [32], 10), digits, config(epochs=2, batch_size=256, T=3, lr=1e30))
     assert result.status == "DIVERGED" and result.diverged_epoch == 1
+
+
+def _tiny(**kw):
+    return config(**{**dict(epochs=2, batch_size=256, T=3), **kw})
+
+
+def test_a_lyapunov_run_killed_after_its_first_epoch_resumes_to_the_uninterrupted_run(digits, tmp_path, monkeypatch):
+    """The perturbation directions and rows of the penalty's estimate are random draws: a run
+    resumed from its epoch-1 checkpoint must draw what the uninterrupted run drew in epoch 2
+    (before, they came from the global generator, reseeded when fit starts: 0.0836 vs 0.0947)."""
+    import stablespike.train as train
+    torch.manual_seed(4)
+    initial = SpikingMLP(64, [16], 10).state_dict()
+
+    def fresh():
+        model = SpikingMLP(64, [16], 10)
+        model.load_state_dict(initial)
+        return model
+
+    cfg = _tiny(lyapunov=True, lyap_fraction=0.5, lyap_eps=1e-2)
+    straight_model = fresh()
+    straight = fit(straight_model, digits, cfg, str(tmp_path / "straight"))
+    original, calls = train._train_epoch, []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(fresh(), digits, cfg, str(tmp_path / "run"))
+    monkeypatch.setattr(train, "_train_epoch", original)
+    torch.manual_seed(123)  # wherever the global generator stands, the resumed run draws the same
+    resumed_model = SpikingMLP(64, [16], 10)
+    resumed = fit(resumed_model, digits, cfg, str(tmp_path / "run"))
+    strip = lambda h: [{k: v for k, v in vars(m).items() if k != "time_sec"} for m in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[name]), name
+
+
+def test_fit_leaves_the_global_generator_where_it_was(digits):
+    model = SpikingMLP(64, [8], 10)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    fit(model, digits, _tiny(epochs=1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+class _Tutorial5(torch.nn.Module):
+    """snnTorch's tutorial-5 network, classifying by its output spike counts in fit's format."""
+
+    def __init__(self):
+        super().__init__()
+        from user_models import snntorch_tutorial5
+        self.net = snntorch_tutorial5(num_inputs=64, num_hidden=16, num_outputs=10, num_steps=3)
+
+    def forward(self, x):
+        spikes, _ = self.net(x.flatten(1))
+        return spikes.sum(0), None, None
+
+
+def test_an_snntorch_model_can_be_deep_copied_after_each_training_step(digits):
+    """A callback keeping a copy of the model after each step (as a best-model or EMA callback
+    does): snnTorch's ``mem`` buffer must not keep the step's freed graph."""
+    import copy
+
+    class KeepCopies:
+        def __init__(self):
+            self.copies = []
+
+        def on_train_begin(self, model):
+            pass
+
+        def on_batch_end(self, step, model, loss, lam):
+            assert all(b.grad_fn is None for b in model.buffers())
+            self.copies.append(copy.deepcopy(model))
+
+        def on_train_end(self):
+            pass
+
+    model, keep = _Tutorial5(), KeepCopies()
+    fit(model, digits, _tiny(epochs=1), callbacks=[keep])
+    assert len(keep.copies) == 6  # ceil(1438 / 256) steps
+    assert torch.equal(keep.copies[-1].net.fc1.weight, model.net.fc1.weight)
+
+
+def test_run_files_are_not_written_through_planted_symlinks(digits, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(victim)
+    (run / "checkpoint.pt.tmp").symlink_to(victim)
+    fit(SpikingMLP(64, [8], 10), digits, _tiny(epochs=1), str(run), resume=False)
+    assert victim.read_text() == "precious"
+    assert not (run / "metrics.jsonl").is_symlink() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not os.path.lexists(run / "checkpoint.pt.tmp")  # a leftover, removed
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_named(digits, tmp_path):
+    from stablespike.train import RunFileError
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunFileError, match="checkpoint.pt: cannot be read"):
+        fit(SpikingMLP(64, [8], 10), digits, _tiny(epochs=1), str(tmp_path))
+    (tmp_path / "checkpoint.pt").unlink()
+    fit(SpikingMLP(64, [8], 10), digits, _tiny(epochs=1), str(tmp_path))
+    with pytest.raises(RunFileError, match="checkpoint.pt: does not fit this run"):
+        fit(SpikingMLP(64, [12], 10), digits, _tiny(epochs=2), str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("grad_clip", -1.0), ("grad_clip", 0.0), ("lambda_target", float("nan")), ("lambda_target", float("inf")),
+    ("lyap_eps", 0.0), ("lyap_fraction", 0.0), ("lyap_fraction", 1.5), ("lambda_reg", -1.0),
+    ("lr", float("inf")), ("weight_decay", -1.0), ("lyap_threshold", float("nan")), ("epochs", 1.5),
+    ("T", True), ("seed", -1), ("warmup_epochs", -1), ("encoder", "poisson"), ("lyapunov", "yes"),
+    ("device", "bogus"), ("device", "cuda:99"),
+])
+def test_bad_config_fields_are_named_at_construction(field, value):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{field: value})
+    assert str(err.value).startswith(f"{field}: expected ") and repr(value) in str(err.value)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -27,15 +29,37 @@ PRESETS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2): the usage block
+    would bury the message; ``--help`` shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
 
 
+def _finite(text: str) -> float:
+    """A float option's value: NaN and inf are refused here, with the option's name."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stablespike", description="Diagnose and stabilize deep SNN training.")
+    p = _Parser(prog="stablespike", description="Diagnose and stabilize deep SNN training.")
     sub = p.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks of the science").add_subparsers(dest="bench", required=True)
     d = bench.add_parser("depth-scaling", help="seed 002: depths x {vanilla, lyapunov} x seeds")
@@ -50,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--encoder", choices=ENCODERS, default="direct")
     d.add_argument("--epochs", type=_positive_int)
     d.add_argument("--batch_size", type=_positive_int)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--lambda_reg", type=float, default=0.3)
-    d.add_argument("--lambda_target", type=float, default=-0.1)
+    d.add_argument("--lr", type=_finite, default=1e-3)
+    d.add_argument("--lambda_reg", type=_finite, default=0.3)
+    d.add_argument("--lambda_target", type=_finite, default=-0.1)
     d.add_argument("--reg_type", choices=PENALTY_KINDS, default="squared")
     d.add_argument("--warmup_epochs", type=int, default=0)
     d.add_argument("--stable_init", action="store_true", help="seed 002's flag: the same as --init stable")
@@ -61,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--inits", nargs="+", choices=("default", "stable", "calibrated", "fluctuation"),
                    help="several inits side by side, e.g. --inits default calibrated: vanilla, lyapunov, "
                         "calibrated, calibrated+lyapunov in one report")
-    d.add_argument("--target_rate", type=float, default=0.1)
-    d.add_argument("--surrogate_slope", type=float, default=25.0,
+    d.add_argument("--target_rate", type=_finite, default=0.1)
+    d.add_argument("--surrogate_slope", type=_finite, default=25.0,
                    help="fast-sigmoid surrogate slope (seed: 25); 1-2 lets gradients through deep nets")
-    d.add_argument("--lyap_threshold", type=float, default=2.0)
-    d.add_argument("--lyap_eps", type=float, default=1e-4)
-    d.add_argument("--lyap_fraction", type=float, default=1.0)
+    d.add_argument("--lyap_threshold", type=_finite, default=2.0)
+    d.add_argument("--lyap_eps", type=_finite, default=1e-4)
+    d.add_argument("--lyap_fraction", type=_finite, default=1.0)
+    d.add_argument("--grad_clip", type=_finite, default=10.0, help="gradient-norm clipping (seed: 10)")
     d.add_argument("--data_dir")
     d.add_argument("--out_dir", default="runs/depth_scaling")
     d.add_argument("--device", default="cpu")
@@ -89,9 +114,9 @@ def _sweep_config(args):
                         lambda_reg=args.lambda_reg, lambda_target=args.lambda_target,
                         reg_type=args.reg_type, lyap_threshold=args.lyap_threshold,
                         warmup_epochs=args.warmup_epochs, lyap_eps=args.lyap_eps,
-                        lyap_fraction=args.lyap_fraction, T=pick("T", 8), encoder=args.encoder,
-                        augment=preset.get("augment", False), device=args.device,
-                        progress=not args.no_progress, seed=seeds[0])
+                        lyap_fraction=args.lyap_fraction, grad_clip=args.grad_clip, T=pick("T", 8),
+                        encoder=args.encoder, augment=preset.get("augment", False), device=args.device,
+                        progress=not args.no_progress, seed=seeds[0] if seeds and seeds[0] >= 0 else 0)
     return SweepConfig(dataset=pick("dataset", "digits"), model=pick("model", "mlp"),
                        depths=pick("depths", [2, 4]), seeds=seeds, width=pick("width", 128),
                        stable_init=args.stable_init, init=args.init, inits=args.inits,
@@ -99,22 +124,55 @@ def _sweep_config(args):
                        data_dir=args.data_dir, train=train)
 
 
+def _flag(option: str, args) -> str:
+    """The flag the user typed for a config field (``seeds`` may have come as ``--seed``)."""
+    if option == "seeds" and getattr(args, "seeds", None) is None and getattr(args, "seed", None) is not None:
+        return "--seed"
+    if option == "out_dir" and getattr(args, "command", None) == "report":
+        return "RUN_DIR"
+    return f"--{option}"
+
+
+def _resume_hint(argv: List[str], out_dir: str) -> str:
+    """The command line that finishes the interrupted sweep in ``out_dir``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out_dir":
+            skip = True
+        elif not (arg.startswith("--out_dir=") or arg == "--resume"):
+            kept.append(arg)
+    return shlex.join(["stablespike", *kept, "--out_dir", out_dir, "--resume"])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Under torchrun every rank runs this; rank 0 alone logs progress, writes and prints."""
+    """Under torchrun every rank runs this; rank 0 alone logs progress, writes and prints.
+
+    Exit codes: 0 done; 2 an expected failure (a bad option, an unavailable device, an output
+    that cannot be written, a run file that cannot be used), one line on stderr naming the option
+    or file; 130 interrupted (Ctrl-C), one line saying how to resume. A traceback means a bug.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
     from .bench import run_sweep
     from .bench.report import write_report
     from .distributed import broadcast_from_main, setup
+    from .train import OptionError
+    _OOM = getattr(torch, "OutOfMemoryError", MemoryError)  # torch >= 2.5 names CUDA's
+    out_dir, is_main = None, True
     try:
-        ranks = setup(getattr(args, "device", "cpu"))
+        cfg = _sweep_config(args) if args.command == "bench" else None  # every option, before any work
+        ranks = setup(cfg.train.device if cfg else "cpu")
+        is_main = ranks.is_main
         logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR, format="%(message)s")
         if not ranks.is_main:  # rank 0 shows the same warnings once
             warnings.simplefilter("ignore")
         if args.command == "report":
             print(write_report(args.run_dir))
             return 0
-        cfg = _sweep_config(args)
         out_dir = args.out_dir if args.resume else os.path.join(args.out_dir, f"{cfg.dataset}_{time.strftime('%Y%m%d-%H%M%S')}")
         out_dir = broadcast_from_main(out_dir)  # the clocks of the ranks may be a second apart
         run_sweep(cfg, out_dir, resume=args.resume, jobs=args.jobs)
@@ -122,8 +180,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(write_report(out_dir))
             print(f"\nresults, plots and report in {out_dir}/ (report.md, report.html)")
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        parser.error(str(err).splitlines()[0])  # one line on stderr, exit code 2
+    except OptionError as err:
+        parser.error(f"argument {_flag(err.option, args)}: {' '.join(err.detail.split())}")
+    except (ValueError, FileNotFoundError, ImportError, OSError, MemoryError, _OOM) as err:
+        # RunFileError, a missing data file or extra, a full disk, a worker killed for memory
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, (MemoryError, _OOM)):
+            message = f"out of memory ({message}); lower --width, --batch_size or --T"
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
+            message = f"{err.filename}: {err.strerror or message}"
+        parser.error(message)
+    except KeyboardInterrupt:
+        if is_main:
+            hint = f"; finish it with: {_resume_hint(argv, out_dir)}" if out_dir else ""
+            print(f"stablespike: interrupted{hint}", file=sys.stderr)
+        return 130
     return 2
 
 

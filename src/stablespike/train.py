@@ -3,20 +3,32 @@
 ``fit(model, dataset, config, out_dir)`` trains with AdamW and a cosine schedule (seed 002's
 defaults), adds ``lambda_reg * penalty(lambda)`` when ``config.lyapunov``, measures gradient norms
 (and gradient singular values every ``sv_every`` batches), evaluates every epoch, and with an
-``out_dir`` writes one JSON line per epoch (``metrics.jsonl``), a checkpoint after every epoch
-(``checkpoint.pt``, written atomically, loaded with ``weights_only=True``) so that an interrupted
+``out_dir`` writes a checkpoint after every epoch (``checkpoint.pt``, loaded with
+``weights_only=True``), then that epoch's JSON line (``metrics.jsonl``), so that an interrupted
 run resumes where it stopped, and TensorBoard events when tensorboard is installed. A loss that
 turns NaN/inf marks the run DIVERGED; the history so far is kept.
+
+Resumed runs equal uninterrupted ones: every random draw of a training step (encoders,
+augmentation, dropout masks, the Lyapunov perturbation directions and sub-batch rows) comes from
+generators seeded from ``(seed, epoch, rank, step)``, never from where the global generator
+happened to be. The checkpoint is the record: on resume ``metrics.jsonl`` is rewritten from the
+checkpoint's own history, so a kill at any point leaves each epoch in it once.
+
+Run files are written without following symbolic links: each into a fresh temporary file
+(created exclusively, ``O_NOFOLLOW``) renamed over its name; leftovers (``*.tmp``) of a killed
+run are removed on resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -24,19 +36,101 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from .data import Dataset, augment_cifar, encode
+from .data import ENCODERS, Dataset, augment_cifar, encode
 from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main, check_batch_size,
                           current, data_parallel, mean_across_ranks, setup, sum_across_ranks)
-from .lyapunov import LyapunovRegularizer
+from .lyapunov import PENALTY_KINDS, LyapunovRegularizer
 from .stability import gradient_norm, _gradient_spectra, _condition
 
 log = logging.getLogger(__name__)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform has none (Windows)
+
+
+class OptionError(ValueError):
+    """A bad value of one option. ``option`` is its name as the API spells it (a field of
+    :class:`TrainConfig` or of the sweep's config, e.g. ``lambda_target``); the command line
+    shows it as the flag the user typed (``--lambda_target``)."""
+
+    def __init__(self, option: str, detail: str):
+        super().__init__(f"{option}: {detail}")
+        self.option, self.detail = option, detail
+
+    def __reduce__(self):  # pickled whole: a sweep worker hands it to its parent
+        return type(self), (self.option, self.detail)
+
+
+class RunFileError(ValueError):
+    """A run file (checkpoint, metrics, results) that cannot be used; the message names it."""
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if math.isinf(low) and math.isinf(high):
+        return "a finite number"
+    if math.isinf(high):
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_number(value, option: str, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number in the range, else an OptionError
+    naming ``option``, the range and ``value`` (NaN and inf are never in range)."""
+    try:
+        number = float(value)
+        ok = not isinstance(value, (bool, str)) and math.isfinite(number) and (
+            (number > low if low_open else number >= low) and (number < high if high_open else number <= high))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise OptionError(option, f"expected {_range_text(low, high, low_open, high_open)}, got {value!r}")
+    return number
+
+
+def check_integer(value, option: str, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else an OptionError."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= minimum
+    if not ok:
+        raise OptionError(option, f"expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_device(device) -> str:
+    """A device this machine has: ``cpu``, ``cuda`` / ``cuda:N`` with CUDA present, ``mps``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError("device", f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                                    f"got {device!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError("device", f"expected a device this machine has, got {device!r}: CUDA is "
+                                        f"not available here (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= count:
+            raise OptionError("device", f"expected cuda:0 to cuda:{count - 1} (this machine has "
+                                        f"{count} CUDA devices), got {device!r}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise OptionError("device", f"expected a device this machine has, got {device!r}: MPS is "
+                                        f"not available here")
+    elif dev.type != "cpu":
+        raise OptionError("device", f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    return str(device)
 
 
 @dataclass
 class TrainConfig:
     """Seed 002's defaults: AdamW (lr 1e-3, weight decay 1e-4), cosine schedule, clipping at 10,
-    lambda_reg 0.3 toward lambda_target -0.1 with eps 1e-4."""
+    lambda_reg 0.3 toward lambda_target -0.1 with eps 1e-4.
+
+    Every field is checked at construction (an :class:`OptionError` naming the field, the
+    expected range and the value): nothing trains on a value that would train silently wrong
+    (a NaN target, a negative clip that ascends the gradient, an eps of 0)."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -61,11 +155,25 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "T", "sv_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        self.regularizer()  # validates reg_type, weight and warmup
+            check_integer(getattr(self, name), name, 1)
+        for name in ("warmup_epochs", "seed"):
+            check_integer(getattr(self, name), name, 0)
+        check_number(self.lr, "lr", 0, low_open=True)
+        check_number(self.weight_decay, "weight_decay", 0)
+        check_number(self.grad_clip, "grad_clip", 0, low_open=True)  # <= 0 would ascend or stall
+        check_number(self.lambda_reg, "lambda_reg", 0)
+        check_number(self.lambda_target, "lambda_target")
+        check_number(self.lyap_threshold, "lyap_threshold")
+        check_number(self.lyap_eps, "lyap_eps", 0, low_open=True)
+        check_number(self.lyap_fraction, "lyap_fraction", 0, 1, low_open=True)
+        for name in ("lyapunov", "augment", "progress"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise OptionError(name, f"expected True or False, got {getattr(self, name)!r}")
+        if self.reg_type not in PENALTY_KINDS:
+            raise OptionError("reg_type", f"expected one of {', '.join(PENALTY_KINDS)}, got {self.reg_type!r}")
+        if self.encoder not in ENCODERS:
+            raise OptionError("encoder", f"expected one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        check_device(self.device)
 
     def regularizer(self) -> LyapunovRegularizer:
         return LyapunovRegularizer(self.lambda_reg, self.reg_type, self.lambda_target,
@@ -101,6 +209,148 @@ class RunResult:
                 "history": [asdict(m) for m in self.history]}
 
 
+# --- run files -----------------------------------------------------------------------------------
+# A sweep worker writes for its parent only: it sets the parent's pid here when it starts, and every
+# write below first checks that parent is still alive (a worker orphaned by a kill writes nothing).
+_WRITES_FOR_PARENT: Optional[int] = None
+
+
+def write_only_while_parent_lives(parent_pid: Optional[int]) -> None:
+    """In a worker process: exit (``os._exit``) instead of writing once ``parent_pid`` is gone."""
+    global _WRITES_FOR_PARENT
+    _WRITES_FOR_PARENT = parent_pid
+
+
+def _check_parent() -> None:
+    if _WRITES_FOR_PARENT is not None and os.getppid() != _WRITES_FOR_PARENT:
+        os._exit(1)  # orphaned: the parent was killed; a resume may own these files now
+
+
+def write_atomic(path: str, write: Callable) -> None:
+    """Call ``write(binary file)`` on a fresh temporary file beside ``path`` (created exclusively,
+    never through a symbolic link), then rename it over ``path`` (a link there is replaced, not
+    followed). A kill leaves ``path`` old or new, never half written, and at most a ``*.tmp``."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    _check_parent()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        _check_parent()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj, path: str) -> None:
+    """``obj`` as indented JSON, written as :func:`write_atomic` writes."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def _append_line(path: str, line: str) -> None:
+    """Append one line, refusing to write through a symbolic link."""
+    _check_parent()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    except OSError as err:
+        raise RunFileError(f"{path}: cannot append to it ({_one_line(err)}); a symbolic link is "
+                           f"never written through") from None
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+
+
+def remove_leftovers(directory: str) -> List[str]:
+    """Remove the ``*.tmp`` files a killed writer left in ``directory`` (links themselves, never
+    their targets); returns their names."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".tmp") and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed
+
+
+def _save_atomic(obj, path: str) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _write_metrics(path: str, history: List[EpochMetrics]) -> None:
+    write_atomic(path, lambda f: f.write("".join(json.dumps(asdict(m)) + "\n" for m in history).encode()))
+
+
+def _load_checkpoint(path: Optional[str]) -> Optional[dict]:
+    """The checkpoint at ``path`` (None if there is none); a RunFileError naming the file if it
+    cannot be read or lacks what a resume needs."""
+    if not path or not os.path.lexists(path):
+        return None
+    if os.path.islink(path):
+        raise RunFileError(f"{path}: a symbolic link, not a checkpoint this run wrote; remove it to "
+                           f"restart the run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, foreign pickle: torch raises many types
+        raise RunFileError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: truncated, "
+                           f"corrupt or not written by fit); delete it to restart the run") from None
+    needed = ("model", "optimizer", "scheduler", "epoch", "history")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise RunFileError(f"{path}: expected a checkpoint with {', '.join(needed)}, got "
+                           f"{sorted(state) if isinstance(state, dict) else type(state).__name__}; "
+                           f"delete it to restart the run")
+    return state
+
+
+def _restore(state: dict, path: str, model: nn.Module, opt, sched) -> List[EpochMetrics]:
+    """Load a checkpoint into the model, optimizer and schedule; its history. A RunFileError
+    naming ``path`` when it does not fit (another architecture, a hand-edited history)."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        if [m.epoch for m in history] != list(range(1, int(state["epoch"]) + 1)):
+            raise ValueError(f"history of epochs {[m.epoch for m in history]} for epoch {state['epoch']}")
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        raise RunFileError(f"{path}: does not fit this run ({_one_line(err)}); delete it to restart "
+                           f"the run, or resume with the options it was made with") from None
+    return history
+
+
+# --- randomness ----------------------------------------------------------------------------------
+def _seed_of(*keys: int) -> int:
+    """A 32-bit seed from integer keys (``SeedSequence``: distinct keys, independent streams)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+_TRAIN_STEP, _TEST = 1, 2  # stream tags: a step's global draws, the test set's encoding
+
+
+def _rng_devices(device: str) -> List[int]:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return []
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
+
+
+def detach_state(model: nn.Module) -> None:
+    """Detach the tensors neurons keep between calls (snnTorch's ``mem`` buffers, spikingjelly's
+    memories, plain tensor attributes) from the autograd graph of the last step, which backward
+    has freed: the model stays copyable (``copy.deepcopy``) and picklable."""
+    for module in model.modules():
+        kept = list(module.named_buffers(recurse=False))
+        kept += [(k, v) for k, v in vars(module).items()
+                 if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)]
+        if hasattr(module, "named_memories"):  # spikingjelly's MemoryModule
+            kept += [(k, v) for k, v in module.named_memories() if isinstance(v, torch.Tensor)]
+        for name, value in kept:
+            if value.grad_fn is not None:
+                setattr(module, name, value.detach())
+
+
 def model_input(model: nn.Module, x: torch.Tensor, config: TrainConfig, generator=None) -> torch.Tensor:
     """What the seed models take: sequence models ``(B, T, D)`` (images flattened and encoded over
     ``config.T`` steps, or sequences one value per step), image models the images themselves."""
@@ -130,8 +380,7 @@ def _epoch_order(n: int, config: TrainConfig, epoch: int, ranks: Ranks) -> torch
 def _epoch_generator(config: TrainConfig, epoch: int, ranks: Ranks) -> torch.Generator:
     """Random encoding and augmentation noise of one epoch on one rank, seeded from
     ``(seed, epoch, rank)``: a resumed run draws exactly what the uninterrupted one drew."""
-    seed = int(np.random.SeedSequence([config.seed, epoch, ranks.rank]).generate_state(1)[0])
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(_seed_of(config.seed, epoch, ranks.rank))
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int):
@@ -142,26 +391,22 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
-    """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode. Under torchrun each rank
-    evaluates its share and the totals are summed (a collective: every rank calls it)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+             generator: Optional[torch.Generator] = None):
+    """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode; ``generator`` draws a random
+    encoder's spikes. Under torchrun each rank evaluates its share and the totals are summed (a
+    collective: every rank calls it)."""
     model.eval()
     ranks = current(config.device)
     mine = torch.arange(len(x))[ranks.shard(len(x))]
     total_loss, correct = 0.0, 0
     for idx in _index_batches(mine, config.batch_size):
         xb, yb = x[idx].to(ranks.device), y[idx].to(ranks.device)
-        logits = model(model_input(model, xb, config))[0]
+        logits = model(model_input(model, xb, config, generator))[0]
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     total_loss, correct = sum_across_ranks([total_loss, correct])
     return total_loss / len(x), correct / len(x)
-
-
-def _save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[str] = None,
@@ -171,10 +416,12 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     Under ``torchrun`` (more than one rank) the model is wrapped in DistributedDataParallel, each
     rank takes ``config.batch_size / world size`` samples per step from a DistributedSampler, the
     Lyapunov estimate in the loss is the mean over all ranks' samples, and only rank 0 writes.
+    The global random generator is left as it was found (each step draws from its own seed).
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     ranks = setup(config.device)
     local_batch = check_batch_size(config.batch_size, ranks)
-    torch.manual_seed(config.seed + ranks.rank)  # dropout masks: independent across ranks
     model.to(ranks.device)
     net = data_parallel(model, ranks)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -183,52 +430,48 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     result, start = RunResult(), 1
     writes = bool(out_dir) and ranks.is_main
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if writes:
         os.makedirs(out_dir, exist_ok=True)
+        remove_leftovers(out_dir)  # a killed write's temporary file
     # rank 0 reads the checkpoint and hands it to all: one state even without a shared disk
     state = broadcast_from_main(_load_checkpoint(ckpt) if writes and resume else None)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        result.history = [EpochMetrics(**m) for m in state["history"]]
+        result.history = _restore(state, ckpt, model, opt, sched)
         start = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", ckpt, start)
+    if writes and (result.history or os.path.lexists(metrics_path)):
+        _write_metrics(metrics_path, result.history)  # exactly the checkpoint's epochs, once each
     writer = _tensorboard(out_dir) if writes else None
     for cb in callbacks:
         cb.on_train_begin(model)
-    for epoch in range(start, config.epochs + 1):
-        metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks)
-        if metrics is None:
-            result.status, result.diverged_epoch = "DIVERGED", epoch
-            log.warning("run diverged at epoch %d (non-finite loss)", epoch)
-            break
-        average_buffers(model)  # every rank evaluates and saves the same model
-        metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config)
-        sched.step()
-        metrics.lr = sched.get_last_lr()[0]
-        result.history.append(metrics)
-        if writes:
-            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(asdict(metrics)) + "\n")
-            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": epoch,
-                          "history": [asdict(m) for m in result.history]}, ckpt)
-        if writer is not None:
-            for key, value in asdict(metrics).items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    writer.add_scalar(key, value, epoch)
+    with torch.random.fork_rng(devices=_rng_devices(ranks.device)):
+        for epoch in range(start, config.epochs + 1):
+            metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks)
+            if metrics is None:
+                result.status, result.diverged_epoch = "DIVERGED", epoch
+                log.warning("run diverged at epoch %d (non-finite loss)", epoch)
+                break
+            average_buffers(model)  # every rank evaluates and saves the same model
+            test_gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, ranks.rank, _TEST))
+            metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config, test_gen)
+            sched.step()
+            metrics.lr = sched.get_last_lr()[0]
+            result.history.append(metrics)
+            if writes:  # the checkpoint first: a metrics line never runs ahead of it
+                _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "epoch": epoch,
+                              "history": [asdict(m) for m in result.history]}, ckpt)
+                _append_line(metrics_path, json.dumps(asdict(metrics)))
+            if writer is not None:
+                for key, value in asdict(metrics).items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, epoch)
     for cb in callbacks:
         cb.on_train_end()
     if writer is not None:
         writer.close()
     return result
-
-
-def _load_checkpoint(path: Optional[str]) -> Optional[dict]:
-    if not path or not os.path.exists(path):
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _tensorboard(out_dir):
@@ -252,6 +495,9 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
     n_batches = math.ceil(len(order) / local_batch)
     batches = _index_batches(order, local_batch)
     for i, idx in enumerate(_progress(batches, config.progress and ranks.is_main, f"epoch {epoch}", n_batches)):
+        # dropout masks and the Lyapunov twins' directions and rows draw from the global
+        # generator: seeded per step, so a resumed run draws what the uninterrupted one drew
+        torch.manual_seed(_seed_of(config.seed, epoch, ranks.rank, _TRAIN_STEP, i))
         xb, yb = data.x_train[idx], data.y_train[idx]
         if config.augment and xb.dim() == 4:
             xb = augment_cifar(xb, gen)
@@ -266,6 +512,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
             loss = loss + reg(lam, epoch)
             lyaps.append(float(lam.detach()))
         if any_rank(not torch.isfinite(loss)):
+            detach_state(model)
             return None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -277,6 +524,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
                             float(min(s[-1] for s in spectra.values())),
                             float(sum(_condition(s) for s in spectra.values()) / len(spectra))))
         opt.step()
+        detach_state(model)  # the neurons' kept state must not hold the freed graph
         for cb in callbacks:
             cb.on_batch_end(i, model, loss, lam)
         total_loss += float(loss.detach()) * len(xb)

@@ -2,37 +2,54 @@
 
 Each run trains a fresh model (spiking MLP of ``width`` units per layer, or the spiking VGG with
 seed 002's depth-to-stages mapping) with :func:`stablespike.train.fit`. A run's result is written
-atomically to ``runs/<method>_d<depth>_s<seed>.json`` as soon as it finishes; ``results.json``
-(seed 002's format: ``{method: {depth: [epoch metrics]}}``, first seed) and
-``results_seeds.json`` (every seed, with status) are rewritten after every run, so a killed sweep
-loses at most the run in progress, and ``resume=True`` skips the runs already done (a run killed
-mid-way resumes from its last epoch checkpoint). Under torchrun every run is data-parallel over
-the ranks and rank 0 writes; ``jobs > 1`` runs independent runs in parallel processes instead.
+atomically to ``runs/<method>_d<depth>_s<seed>.json`` as soon as it finishes. Those run files are
+the source of truth: ``results.json`` (seed 002's format: ``{method: {depth: [epoch metrics]}}``,
+first seed) and ``results_seeds.json`` (every seed, with status) are made from them after every
+run, and a summary that says something the run files do not (edited by hand, corrupt) is refused
+with an error naming it rather than silently overwritten or ignored.
+
+A killed sweep loses at most the epoch in progress: ``resume=True`` skips the runs already done
+and continues a run from its last epoch checkpoint, to the results the uninterrupted sweep gives.
+The sweep records its options in ``config.json`` and refuses to resume with different ones. One
+process at a time owns a sweep directory (``sweep.lock`` holds its pid; a lock whose process is
+gone is taken over). Under torchrun every run is data-parallel over the ranks and rank 0 writes;
+``jobs > 1`` runs independent runs in parallel worker processes instead, which exit as soon as
+their parent is gone and never write after it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+import signal
+import socket
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional
 
 import torch
 
-from ..data import load_dataset
+from ..data import DATASETS, load_dataset
 from ..distributed import broadcast_from_main, current, setup
 from ..models import SpikingMLP, SpikingVGG
 from ..streaming import FiringRateMonitor
 from ..surrogate import fast_sigmoid
-from ..train import TrainConfig, fit, model_input
+from ..train import (EpochMetrics, OptionError, RunFileError, TrainConfig, check_integer, check_number,
+                     detach_state, fit, model_input, remove_leftovers, write_json,
+                     write_only_while_parent_lives)
 
 log = logging.getLogger(__name__)
 METHODS = ("vanilla", "lyapunov")
 INITS = ("default", "stable", "calibrated", "fluctuation")
+LOCK_NAME = "sweep.lock"
 
 
 @dataclass
 class SweepConfig:
+    """The sweep's options, each checked at construction (an :class:`OptionError` naming it)."""
+
     dataset: str = "digits"
     model: str = "mlp"
     depths: List[int] = field(default_factory=lambda: [2, 4])
@@ -47,18 +64,33 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise OptionError("dataset", f"expected one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.model not in ("mlp", "vgg"):
-            raise ValueError(f"model: expected 'mlp' or 'vgg', got {self.model!r}")
-        if not self.depths or any(int(d) < 1 for d in self.depths):
-            raise ValueError(f"depths: expected depths >= 1, got {self.depths!r}")
-        if not self.surrogate_slope > 0:
-            raise ValueError(f"surrogate_slope: expected a positive number, got {self.surrogate_slope!r}")
+            raise OptionError("model", f"expected 'mlp' or 'vgg', got {self.model!r}")
+        for name, minimum in (("depths", 1), ("seeds", 0)):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+                raise OptionError(name, f"expected a non-empty list of integers >= {minimum}, got {values!r}")
+            setattr(self, name, [check_integer(v, name, minimum) for v in values])
+            if len(set(getattr(self, name))) != len(values):
+                raise OptionError(name, f"expected distinct values, got {values!r}")
+        check_integer(self.width, "width", 1)
+        check_number(self.target_rate, "target_rate", 0, 1, low_open=True, high_open=True)
+        check_number(self.surrogate_slope, "surrogate_slope", 0, low_open=True)
+        if self.data_dir is not None:
+            if not isinstance(self.data_dir, (str, os.PathLike)):
+                raise OptionError("data_dir", f"expected a directory path, got {self.data_dir!r}")
+            self.data_dir = os.fspath(self.data_dir)  # config.json holds it as text
+        if not isinstance(self.train, TrainConfig):
+            raise OptionError("train", f"expected a TrainConfig, got {type(self.train).__name__}")
         if self.stable_init:  # seed 002's flag is an alias of init="stable"
             self.init = "stable"
         self.inits = list(self.inits or [self.init])
         for init in self.inits:
             if init not in INITS:
-                raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
+                raise OptionError("inits" if len(self.inits) > 1 else "init",
+                                  f"expected one of {', '.join(INITS)}, got {init!r}")
 
     def variants(self):
         """(name, init, method) of every run kind: 'vanilla', 'lyapunov', 'calibrated',
@@ -69,6 +101,61 @@ class SweepConfig:
                 name = method if init == "default" else (init if method == "vanilla" else f"{init}+{method}")
                 out.append((name, init, method))
         return out
+
+    def to_dict(self) -> Dict:
+        """What ``config.json`` holds."""
+        return {**asdict(self), "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, config: Dict, device: Optional[str] = None) -> "SweepConfig":
+        """The config a ``config.json`` holds (its ``device`` replaced by ``device`` if given: a
+        report is rendered anywhere); a TypeError or OptionError if it is not one."""
+        train = dict(config["train"])
+        if device is not None:
+            train["device"] = device
+        own = {f.name for f in fields(cls)} - {"train"}
+        return cls(**{k: v for k, v in config.items() if k in own}, train=TrainConfig(**train))
+
+
+# Options that do not change what a run computes: a sweep may be resumed with other values.
+_NOT_DEFINING = {"data_dir", "stable_init", "init", "train.progress", "train.device", "train.seed"}
+
+
+def _defining(config: Dict) -> Dict:
+    flat = {k: v for k, v in config.items() if k != "train"}
+    flat.update({f"train.{k}": v for k, v in config.get("train", {}).items()})
+    return {k: v for k, v in flat.items() if k not in _NOT_DEFINING}
+
+
+def check_same_options(cfg: SweepConfig, out_dir: str) -> None:
+    """Refuse to resume the sweep in ``out_dir`` with options that change what a run computes
+    (an :class:`OptionError` naming the first such option, its recorded and its new value)."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return  # nothing recorded: a new sweep
+    old = _read_json(path, dict)
+    new = json.loads(json.dumps(cfg.to_dict()))
+    if not isinstance(old.get("train"), dict):
+        raise RunFileError(f"{path}: expected the sweep's options with a 'train' section; is it a sweep directory?")
+    recorded, given = _defining(old), _defining(new)
+    for key in sorted(recorded.keys() & given.keys()):
+        if recorded[key] != given[key]:
+            option = key.split(".")[-1]
+            raise OptionError(option, f"the sweep in {out_dir} was run with {recorded[key]!r}, now "
+                                      f"{given[key]!r}; resume it with the options it was started "
+                                      f"with, or start a new sweep elsewhere")
+
+
+def _read_json(path: str, kind: type):
+    """The JSON in ``path``, of type ``kind``; a RunFileError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise RunFileError(f"{path}: cannot be read as JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(value, kind):
+        raise RunFileError(f"{path}: expected a JSON {kind.__name__}, got a {type(value).__name__}")
+    return value
 
 
 def vgg_stages(depth: int):
@@ -99,10 +186,7 @@ def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None) 
 
 
 def _write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_json(obj, path)
 
 
 def layer_rates(model, data, cfg: TrainConfig, n: int = 256) -> Dict[str, float]:
@@ -140,31 +224,190 @@ def run_sweep(cfg: SweepConfig, out_dir: str, resume: bool = False, jobs: int = 
     """Run (or finish) the sweep into ``out_dir``; returns ``results_seeds`` (see module doc).
 
     ``jobs > 1`` runs that many runs at once in separate processes (one machine, the cores
-    shared between them); under torchrun every rank takes part in every run instead.
+    shared between them); under torchrun every rank takes part in every run instead. Everything
+    is checked before the first run trains: the options, the memory the widest model needs, that
+    ``out_dir`` can be written and no other process holds it, and on resume that the options
+    are those the sweep was started with.
     """
+    if not isinstance(cfg, SweepConfig):
+        raise TypeError(f"cfg: expected a SweepConfig, got {type(cfg).__name__}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise OptionError("jobs", f"expected an integer >= 1, got {jobs!r}")
     ranks = setup(cfg.train.device)
-    if int(jobs) != jobs or jobs < 1:
-        raise ValueError(f"jobs: expected an integer >= 1, got {jobs!r}")
     if jobs > 1 and ranks.distributed:
-        raise ValueError(f"jobs: expected 1 under torchrun (the {ranks.world_size} ranks already "
-                         f"share each run), got {jobs}")
+        raise OptionError("jobs", f"expected 1 under torchrun (the {ranks.world_size} ranks already "
+                                  f"share each run), got {jobs}")
+    data = _dataset(cfg)  # also in the parent of --jobs: a missing data file is one error, now
+    check_memory(cfg, data)
+    lock = None
     if ranks.is_main:
-        os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-        _write_json({**asdict(cfg), "train": asdict(cfg.train)}, os.path.join(out_dir, "config.json"))
+        _make_out_dir(out_dir)
+        lock = acquire_lock(out_dir)
+    try:
+        return _run_locked(cfg, out_dir, resume, jobs, ranks, data)
+    finally:
+        if lock is not None:
+            release_lock(lock)
+
+
+def _run_locked(cfg: SweepConfig, out_dir: str, resume: bool, jobs: int, ranks, data) -> Dict:
+    if ranks.is_main:
+        if resume:
+            check_same_options(cfg, out_dir)
+            collect_results(cfg, out_dir, write=False)  # unreadable or edited run files: refuse now
+        else:  # a new sweep: summaries of an earlier one here would be stale, not edits
+            for name in ("results.json", "results_seeds.json"):
+                if os.path.lexists(os.path.join(out_dir, name)):
+                    os.unlink(os.path.join(out_dir, name))
+        for directory in [out_dir, os.path.join(out_dir, "runs")] + [
+                os.path.join(out_dir, "runs", key.name) for key in run_keys(cfg)]:
+            remove_leftovers(directory)  # temporary files of writes a kill cut short
+        _write_json(cfg.to_dict(), os.path.join(out_dir, "config.json"))
     done = [key for key in run_keys(cfg) if resume and os.path.exists(_run_path(out_dir, key))]
     done = set(broadcast_from_main(done))  # rank 0's disk decides: all ranks run the same runs
     for key in done:
         log.info("%s: done already, skipped", key.name)
     pending = [key for key in run_keys(cfg) if key not in done]
     if jobs == 1:
-        data = _dataset(cfg)
         for key in pending:
             run_one(cfg, out_dir, key, resume, data)
             if ranks.is_main:
-                _write_results(cfg, out_dir)
+                collect_results(cfg, out_dir)
     else:
         _run_parallel(cfg, out_dir, pending, resume, jobs)
-    return broadcast_from_main(_write_results(cfg, out_dir) if ranks.is_main else None)
+    return broadcast_from_main(collect_results(cfg, out_dir) if ranks.is_main else None)
+
+
+def _make_out_dir(out_dir: str) -> None:
+    """Create ``out_dir/runs``; an OptionError naming ``out_dir`` if it cannot be written."""
+    try:
+        os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test.{os.getpid()}.tmp")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.unlink(probe)
+    except OSError as err:
+        raise OptionError("out_dir", f"expected a directory that can be created and written, got "
+                                     f"{out_dir!r} ({err.strerror or err})") from None
+
+
+# --- one owner per sweep directory ---------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # no probe without native calls: a lock is taken as held
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _lock_owner(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable or half written: no owner can be shown alive
+
+
+def _owner_alive(owner: dict) -> bool:
+    if not owner:
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process (a shared disk): cannot be probed from here
+    return owner["pid"] != os.getpid() and _pid_alive(owner["pid"])
+
+
+def acquire_lock(out_dir: str) -> str:
+    """Make this process the owner of ``out_dir`` (the file ``sweep.lock`` with its pid and host);
+    an OptionError naming ``out_dir`` while another live process owns it. A lock whose process is
+    gone (killed) is taken over. Returns the lock's path, for :func:`release_lock`."""
+    path = os.path.join(out_dir, LOCK_NAME)
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner == {}:  # perhaps being written this instant: look again before calling it stale
+                time.sleep(0.2)
+                owner = _lock_owner(path)
+            if owner is None:
+                continue  # released meanwhile
+            if _owner_alive(owner):
+                raise OptionError("out_dir", f"{out_dir!r} is in use by process {owner['pid']} on "
+                                             f"{owner['host']} (lock file {path}); wait for that sweep "
+                                             f"to end or stop it (delete the lock file only if no "
+                                             f"sweep runs there)") from None
+            # stale: move it aside atomically; if what moved is not the stale lock we read,
+            # another process took it over in between: give it back and stop
+            aside = f"{path}.{os.getpid()}.stale.tmp"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            if _lock_owner(aside) != owner:
+                try:
+                    os.link(aside, path)
+                finally:
+                    os.unlink(aside)
+                continue
+            os.unlink(aside)
+            log.info("took over %s from process %s, which is gone", path, owner.get("pid", "?"))
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(me)
+        return path
+    raise OptionError("out_dir", f"{out_dir!r}: could not take the lock file {path}; another "
+                                 f"process keeps taking it")
+
+
+def release_lock(path: str) -> None:
+    """Remove the lock at ``path`` if this process still owns it."""
+    owner = _lock_owner(path)
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        os.unlink(path)
+
+
+# --- memory ----------------------------------------------------------------------------------------
+def _memory_bytes(device: str) -> Optional[int]:
+    """Memory of ``device`` (the GPU's, or this machine's RAM), None where it cannot be read."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: SweepConfig, data) -> None:
+    """An OptionError naming ``width`` when the deepest MLP of the sweep would not fit in memory:
+    4 float32 copies of every weight (weights, gradients, AdamW's two moments) plus the
+    activations kept for backward (about 3 values per neuron, time step and sample)."""
+    if cfg.model != "mlp":
+        return  # the VGG's channels follow seed 002, not ``width``
+    in_dim = 1 if cfg.train.encoder == "sequence" else int(torch.tensor(data.input_shape).prod())
+    depth, w = max(cfg.depths), cfg.width
+    params = in_dim * w + (depth - 1) * w * w + w * data.num_classes
+    steps = cfg.train.T if cfg.train.encoder != "sequence" else int(data.input_shape[-1])
+    need = 4 * (4 * params + 3 * cfg.train.batch_size * steps * depth * w)
+    have = _memory_bytes(cfg.train.device)
+    if have is not None and need > have:
+        raise OptionError("width", f"expected a width whose model fits in memory, got {w}: depth {depth} "
+                                   f"needs about {need / 2**30:.3g} GiB for its weights, gradients, "
+                                   f"optimizer state and activations, and {cfg.train.device} has "
+                                   f"{have / 2**30:.3g} GiB")
 
 
 def _run_path(out_dir: str, key: RunKey) -> str:
@@ -185,6 +428,7 @@ def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, d
     record = {**result.to_dict(), "variant": key.variant, "method": key.method, "init": key.init,
               "depth": key.depth, "seed": key.seed, "params": sum(p.numel() for p in model.parameters())}
     if result.status == "OK":
+        torch.manual_seed(key.seed)  # the same draws whether the run was resumed or not
         record["layer_rates"] = layer_rates(model, data, train_cfg)
         record["verdict"] = verdict(model, data, train_cfg)
     if current().is_main:
@@ -194,45 +438,166 @@ def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, d
     return record
 
 
+# --- parallel runs ---------------------------------------------------------------------------------
 def _run_parallel(cfg: SweepConfig, out_dir: str, keys: List[RunKey], resume: bool, jobs: int) -> None:
     """``jobs`` worker processes (spawned: no forked torch thread pools), each with its share of
-    the cores; each finished run is on disk before the summary files are rewritten."""
+    the cores, fed one run at a time through a pipe; each finished run is on disk before the
+    summary files are rewritten. On any error or Ctrl-C the workers are stopped (their runs
+    resume from their last checkpoint)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
+    ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     quiet = replace(cfg, train=replace(cfg.train, progress=False))  # no interleaved bars
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_one, quiet, out_dir, key, resume): key for key in keys}
-        try:
-            for future in as_completed(futures):
-                future.result()
-                _write_results(cfg, out_dir)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    todo, workers, running = list(keys), [], {}
+    try:
+        for _ in range(min(jobs, len(todo))):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(there, quiet, out_dir, resume, threads, os.getpid()),
+                               daemon=True)
+            proc.start()
+            there.close()
+            workers.append((proc, here))
+            running[here] = None
+        for conn in list(running):
+            running[conn] = _next(conn, todo)
+        while any(k is not None for k in running.values()):
+            busy = [c for c, k in running.items() if k is not None]
+            ready = wait(busy + [p.sentinel for p, c in workers if c in busy])
+            for proc, conn in workers:
+                key = running.get(conn)
+                if key is None or not (conn in ready or proc.sentinel in ready):
+                    continue
+                try:
+                    status, error = conn.recv()
+                except EOFError:
+                    proc.join(1)
+                    raise ChildProcessError(
+                        f"the worker process running {key.name} died (exit code {proc.exitcode}, e.g. "
+                        f"killed for memory); resume the sweep to continue") from None
+                if status == "error":
+                    raise error
+                collect_results(cfg, out_dir)
+                running[conn] = _next(conn, todo)
+    finally:
+        for proc, conn in workers:
+            conn.close()  # an idle worker reads the end of its pipe and exits
+        for proc, _ in workers:
+            proc.join(0.5)
+            if proc.is_alive():
+                proc.terminate()  # a busy one is stopped; its run resumes from its checkpoint
+                proc.join()
 
 
-def _worker_init(threads: int) -> None:
+def _next(conn, todo: List[RunKey]) -> Optional[RunKey]:
+    key = todo.pop(0) if todo else None
+    if key is not None:
+        conn.send(key)
+    return key
+
+
+def _watch_parent(parent: int, every: float = 0.05) -> None:
+    """Exit this worker as soon as its parent is gone (SIGKILL, out-of-memory kill, closed
+    terminal: the parent cannot clean up, so each worker watches it)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
+
+
+def _worker(conn, cfg: SweepConfig, out_dir: str, resume: bool, threads: int, parent: int) -> None:
+    """A worker of :func:`_run_parallel`: runs the keys it receives until its pipe closes."""
+    write_only_while_parent_lives(parent)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = None
+    while True:
+        try:
+            key = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            data = data if data is not None else _dataset(cfg)
+            run_one(cfg, out_dir, key, resume, data)
+            conn.send(("done", None))
+        except Exception as err:  # handed to the parent, which raises it
+            if not isinstance(err, (ValueError, OSError, ImportError)):
+                err = RuntimeError(f"run {key.name} failed in a worker process:\n{traceback.format_exc()}")
+            try:
+                conn.send(("error", err))
+            except Exception:  # an exception that does not pickle
+                conn.send(("error", RuntimeError(f"run {key.name}: {traceback.format_exc()}")))
 
 
-def _write_results(cfg: SweepConfig, out_dir: str) -> Dict:
+# --- results ---------------------------------------------------------------------------------------
+_RUN_FIELDS = {f.name for f in fields(EpochMetrics)}
+
+
+def _read_run(path: str) -> Dict:
+    """A run file, checked: a RunFileError naming it if it is not one this sweep wrote."""
+    run = _read_json(path, dict)
+    history = run.get("history")
+    ok = (run.get("status") in ("OK", "DIVERGED") and isinstance(history, list)
+          and all(isinstance(h, dict) and _RUN_FIELDS <= h.keys() for h in history))
+    if not ok:
+        raise RunFileError(f"{path}: expected a run record (status OK or DIVERGED, a history of epoch "
+                           f"metrics with {', '.join(sorted(_RUN_FIELDS))}); delete it to rerun that run")
+    return run
+
+
+def _same(on_disk, made, levels: int) -> bool:
+    """Whether a summary on disk says nothing the run files do not: its keys a subset of theirs
+    down ``levels`` levels, the leaves equal (compared as JSON text: NaN equals NaN)."""
+    if levels == 0:
+        return json.dumps(on_disk, sort_keys=True) == json.dumps(made, sort_keys=True)
+    return (isinstance(on_disk, dict) and on_disk.keys() <= made.keys()
+            and all(_same(on_disk[k], made[k], levels - 1) for k in on_disk))
+
+
+def collect_results(cfg: SweepConfig, out_dir: str, write: bool = True) -> Dict:
+    """``results_seeds`` made from the run files in ``out_dir/runs`` (the source of truth), and
+    with ``write`` ``results.json`` and ``results_seeds.json`` rewritten from it. A RunFileError
+    naming the file if a run file cannot be read, or a summary on disk says what the run files do
+    not (edited by hand or corrupt: delete it and it is made again)."""
     by_seed: Dict = {name: {} for name, _, _ in cfg.variants()}
     for depth in cfg.depths:
         for name, _, _ in cfg.variants():
             for seed in cfg.seeds:
                 path = os.path.join(out_dir, "runs", f"{name}_d{depth}_s{seed}.json")
                 if os.path.exists(path):
-                    with open(path) as f:
-                        by_seed[name].setdefault(str(depth), {})[str(seed)] = json.load(f)
+                    by_seed[name].setdefault(str(depth), {})[str(seed)] = _read_run(path)
     first = str(cfg.seeds[0])  # seed 002's results.json holds one seed
     seed_format = {m: {d: runs[first]["history"] for d, runs in depths.items() if first in runs}
                    for m, depths in by_seed.items()}
-    _write_json(seed_format, os.path.join(out_dir, "results.json"))
-    _write_json(by_seed, os.path.join(out_dir, "results_seeds.json"))
+    for name, made, levels in (("results_seeds.json", by_seed, 3), ("results.json", seed_format, 2)):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not _same(_read_json(path, dict), made, levels):
+            raise RunFileError(f"{path}: differs from the run files in {os.path.join(out_dir, 'runs')} it "
+                               f"is made from (edited by hand?); those are the source of truth: delete "
+                               f"{name} and it is made again from them")
+    if write:
+        _write_json(seed_format, os.path.join(out_dir, "results.json"))
+        _write_json(by_seed, os.path.join(out_dir, "results_seeds.json"))
     return by_seed
+
+
+def _write_results(cfg: SweepConfig, out_dir: str) -> Dict:  # the former name
+    return collect_results(cfg, out_dir)
+
+
+def load_sweep(run_dir: str) -> tuple:
+    """``(config dict, results_seeds)`` of a finished or running sweep directory, the results made
+    from its run files (see :func:`collect_results`); errors name the file at fault."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"RUN_DIR: no config.json in {run_dir!r}; is it a sweep directory?")
+    config = _read_json(path, dict)
+    try:
+        cfg = SweepConfig.from_dict(config, device="cpu")
+    except (TypeError, KeyError, ValueError) as err:
+        raise RunFileError(f"{path}: not the options of a sweep ({' '.join(str(err).split())})") from None
+    return cfg.to_dict(), collect_results(cfg, run_dir)
 
 
 def verdict(model, data, cfg: TrainConfig, n: int = 128) -> Dict:
@@ -249,6 +614,7 @@ def verdict(model, data, cfg: TrainConfig, n: int = 128) -> Dict:
         with SpikeProfiler().attach(model) as profiler:
             F.cross_entropy(model(model_input(model, x, cfg))[0], y).backward()
         model.zero_grad(set_to_none=True)
+        detach_state(model)  # neurons keep no graph: the model stays copyable
         report = profiler.report(sync=False)
         found = {"health_score": report.health_score,
                  "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies]}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import base64
-import json
+import html
 import math
 import os
 from typing import Dict, List, Tuple
@@ -180,38 +180,35 @@ def plots(results: Dict, rows: List[dict]) -> Dict[str, bytes]:
 
 def write_report(run_dir: str) -> str:
     """Re-render the tables, plots, ``report.md`` and ``report.html`` of a sweep directory; returns
-    the text summary."""
-    path = os.path.join(run_dir, "results_seeds.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"RUN_DIR: no results_seeds.json in {run_dir!r}; is it a sweep directory?")
-    with open(path) as f:
-        results = json.load(f)
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
+    the text summary. The numbers come from the run files (``runs/*.json``, the source of truth);
+    ``results.json`` and ``results_seeds.json`` are made again from them, and one that says
+    something else (edited by hand, corrupt) is refused with an error naming it."""
+    from .depth_scaling import load_sweep
+    from ..train import write_atomic
+    config, results = load_sweep(run_dir)
     rows = summarize(results)
     variants = list(results)
     table, notes = summary_table(rows, variants), observations(rows, variants)
     notes += failing_verdicts(results)
     images = plots(results, rows)
     for name, data in images.items():
-        with open(os.path.join(run_dir, name), "wb") as f:
-            f.write(data)
+        write_atomic(os.path.join(run_dir, name), lambda f, data=data: f.write(data))
     seeds = ", ".join(str(s) for s in config["seeds"])
     steps = ("sequence input, one value per step" if config["train"]["encoder"] == "sequence"
              else f"T={config['train']['T']}")
     head = (f"Depth scaling on {config['dataset']} with the spiking {config['model'].upper()} "
             f"(width {config['width']}, {steps}, {config['train']['epochs']} epochs, seeds {seeds}, "
-            f"reg {config['train']['reg_type']}, init {', '.join(config.get('inits') or [config.get('init', 'default')])}, "
-            f"surrogate slope {config.get('surrogate_slope', 25.0):g})")
+            f"reg {config['train']['reg_type']}, init {', '.join(config['inits'])}, "
+            f"surrogate slope {config['surrogate_slope']:g})")
     md = [f"# {head}", "", "```", table, "```", "", "## Observations", ""] + [f"- {n}" for n in notes] + [""]
     md += [f"![{n}]({n})" for n in images]
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    imgs = "".join(f"<img alt='{n}' src='data:image/png;base64,{base64.b64encode(b).decode()}'><br>"
+    write_atomic(os.path.join(run_dir, "report.md"), lambda f: f.write(("\n".join(md) + "\n").encode()))
+    esc = html.escape  # every string from the sweep's files, quotes included
+    imgs = "".join(f"<img alt='{esc(n)}' src='data:image/png;base64,{base64.b64encode(b).decode()}'><br>"
                    for n, b in images.items())
-    notes_html = "".join(f"<li>{n}</li>" for n in notes)
-    with open(os.path.join(run_dir, "report.html"), "w", encoding="utf-8") as f:
-        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>depth scaling</title></head>"
-                f"<body style='font-family:sans-serif;margin:2em'><h1>{head}</h1><pre>{table}</pre>"
-                f"<h2>Observations</h2><ul>{notes_html}</ul>{imgs}</body></html>")
+    notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>depth scaling</title></head>"
+            f"<body style='font-family:sans-serif;margin:2em'><h1>{esc(head)}</h1><pre>{esc(table)}</pre>"
+            f"<h2>Observations</h2><ul>{notes_html}</ul>{imgs}</body></html>")
+    write_atomic(os.path.join(run_dir, "report.html"), lambda f: f.write(page.encode("utf-8")))
     return f"{head}\n{table}\n" + "\n".join(notes)

@@ -5,6 +5,7 @@ measuring apart from changing. ``lam`` below is the exponent estimate (a tensor)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -86,6 +87,14 @@ def _check_kind(kind: str) -> Callable:
         ) from None
 
 
+def _is_finite(value) -> bool:
+    """A real number (not a bool or a string) that is neither NaN nor infinite."""
+    try:
+        return not isinstance(value, (bool, str)) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def compute_lyap_reg_loss(lyap_est: torch.Tensor, reg_type: str, lambda_target: float,
                           lyap_threshold: float = 2.0) -> torch.Tensor:
     """Seed 002's penalty on an exponent estimate (scalar or any shape; elementwise), plus
@@ -95,6 +104,9 @@ def compute_lyap_reg_loss(lyap_est: torch.Tensor, reg_type: str, lambda_target: 
     ``extreme``, ``adaptive_*``. An unknown ``reg_type`` raises ValueError listing the valid ones.
     """
     penalty = _check_kind(reg_type)
+    for name, value in (("lambda_target", lambda_target), ("lyap_threshold", lyap_threshold)):
+        if not _is_finite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if not isinstance(lyap_est, torch.Tensor):
         lyap_est = torch.as_tensor(float(lyap_est))
     return penalty(lyap_est, float(lambda_target), float(lyap_threshold))
@@ -116,10 +128,14 @@ class LyapunovRegularizer:
 
     def __post_init__(self):
         _check_kind(self.kind)
-        if not self.weight >= 0:
-            raise ValueError(f"weight: expected a non-negative number, got {self.weight!r}")
-        if int(self.warmup_epochs) != self.warmup_epochs or self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: expected an integer >= 0, got {self.warmup_epochs!r}")
+        if not _is_finite(self.weight) or self.weight < 0:
+            raise ValueError(f"weight: expected a finite number >= 0, got {self.weight!r}")
+        for name in ("target", "threshold"):  # a NaN target makes every penalty NaN: a "diverged" run
+            if not _is_finite(getattr(self, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
+        warmup = self.warmup_epochs
+        if isinstance(warmup, bool) or not _is_finite(warmup) or int(warmup) != warmup or warmup < 0:
+            raise ValueError(f"warmup_epochs: expected an integer >= 0, got {warmup!r}")
 
     def weight_at(self, epoch: Optional[int] = None) -> float:
         """The effective weight at 1-based ``epoch`` (the full weight when ``epoch`` is None)."""
