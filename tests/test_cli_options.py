@@ -59,7 +59,8 @@ def test_an_out_dir_under_a_regular_file_is_named(tmp_path, capsys):
 
 def test_resuming_with_other_options_names_the_option_and_both_values(tmp_path, capsys):
     from stablespike.bench import SweepConfig
-    from stablespike.train import TrainConfig, write_json
+    from stablespike.runfiles import write_json
+    from stablespike.train import TrainConfig
     write_json(SweepConfig(depths=[1], width=8, train=TrainConfig(epochs=1, batch_size=512, T=2)).to_dict(),
                str(tmp_path / "config.json"))
     argv = [a if a != "8" else "16" for a in SWEEP] + ["--out_dir", str(tmp_path), "--resume"]

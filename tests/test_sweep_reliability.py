@@ -15,9 +15,12 @@ import torch
 
 import stablespike.train as train
 from stablespike.bench import SweepConfig, run_sweep
-from stablespike.bench.depth_scaling import acquire_lock, collect_results, release_lock
+from stablespike.bench.depth_scaling import collect_results
+from stablespike.bench.lock import acquire_lock, release_lock
 from stablespike.bench.report import write_report
-from stablespike.train import OptionError, RunFileError, TrainConfig, write_json
+from stablespike.options import OptionError
+from stablespike.runfiles import RunFileError, write_json
+from stablespike.train import TrainConfig
 
 
 
@@ -87,9 +90,9 @@ def _killed_during_the_second_checkpoint_write(out):
 
 def _killed_after_the_fourth_metrics_line(out):
     calls = []  # vanilla's epochs 2 and 3, then lyapunov's 1 and 2: SIGKILL
-    if hasattr(train, "_append_line"):
-        real = train._append_line
-        train._append_line = lambda path, line: (real(path, line), _sigkill_at(calls, 4))
+    if hasattr(train, "append_line"):
+        real = train.append_line
+        train.append_line = lambda path, line: (real(path, line), _sigkill_at(calls, 4))
     else:  # the code before: a line appended by open(path, "a") in fit
         import builtins
 

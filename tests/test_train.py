@@ -188,7 +188,7 @@ def test_run_files_are_not_written_through_planted_symlinks(digits, tmp_path):
 
 
 def test_a_corrupt_or_foreign_checkpoint_is_named(digits, tmp_path):
-    from stablespike.train import RunFileError
+    from stablespike.runfiles import RunFileError
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunFileError, match="checkpoint.pt: cannot be read"):
         fit(SpikingMLP(64, [8], 10), digits, _tiny(epochs=1), str(tmp_path))

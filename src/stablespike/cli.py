@@ -160,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .bench import run_sweep
     from .bench.report import write_report
     from .distributed import broadcast_from_main, setup
-    from .train import OptionError
+    from .options import OptionError
     _OOM = getattr(torch, "OutOfMemoryError", MemoryError)  # torch >= 2.5 names CUDA's
     out_dir, is_main = None, True
     try:

@@ -20,15 +20,13 @@ run are removed on resume.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -40,87 +38,11 @@ from .data import ENCODERS, Dataset, augment_cifar, encode
 from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main, check_batch_size,
                           current, data_parallel, mean_across_ranks, setup, sum_across_ranks)
 from .lyapunov import PENALTY_KINDS, LyapunovRegularizer
+from .options import OptionError, check_device, check_integer, check_number, one_line
+from .runfiles import RunFileError, append_line, remove_leftovers, write_atomic
 from .stability import gradient_norm, _gradient_spectra, _condition
 
 log = logging.getLogger(__name__)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform has none (Windows)
-
-
-class OptionError(ValueError):
-    """A bad value of one option. ``option`` is its name as the API spells it (a field of
-    :class:`TrainConfig` or of the sweep's config, e.g. ``lambda_target``); the command line
-    shows it as the flag the user typed (``--lambda_target``)."""
-
-    def __init__(self, option: str, detail: str):
-        super().__init__(f"{option}: {detail}")
-        self.option, self.detail = option, detail
-
-    def __reduce__(self):  # pickled whole: a sweep worker hands it to its parent
-        return type(self), (self.option, self.detail)
-
-
-class RunFileError(ValueError):
-    """A run file (checkpoint, metrics, results) that cannot be used; the message names it."""
-
-
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
-    if math.isinf(low) and math.isinf(high):
-        return "a finite number"
-    if math.isinf(high):
-        return f"a finite number {'>' if low_open else '>='} {low:g}"
-    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def check_number(value, option: str, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float if it is a finite real number in the range, else an OptionError
-    naming ``option``, the range and ``value`` (NaN and inf are never in range)."""
-    try:
-        number = float(value)
-        ok = not isinstance(value, (bool, str)) and math.isfinite(number) and (
-            (number > low if low_open else number >= low) and (number < high if high_open else number <= high))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise OptionError(option, f"expected {_range_text(low, high, low_open, high_open)}, got {value!r}")
-    return number
-
-
-def check_integer(value, option: str, minimum: int) -> int:
-    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else an OptionError."""
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= minimum
-    if not ok:
-        raise OptionError(option, f"expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_device(device) -> str:
-    """A device this machine has: ``cpu``, ``cuda`` / ``cuda:N`` with CUDA present, ``mps``."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise OptionError("device", f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', "
-                                    f"got {device!r}") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise OptionError("device", f"expected a device this machine has, got {device!r}: CUDA is "
-                                        f"not available here (torch.cuda.is_available() is False)")
-        if dev.index is not None and dev.index >= count:
-            raise OptionError("device", f"expected cuda:0 to cuda:{count - 1} (this machine has "
-                                        f"{count} CUDA devices), got {device!r}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise OptionError("device", f"expected a device this machine has, got {device!r}: MPS is "
-                                        f"not available here")
-    elif dev.type != "cpu":
-        raise OptionError("device", f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-    return str(device)
 
 
 @dataclass
@@ -209,72 +131,6 @@ class RunResult:
                 "history": [asdict(m) for m in self.history]}
 
 
-# --- run files -----------------------------------------------------------------------------------
-# A sweep worker writes for its parent only: it sets the parent's pid here when it starts, and every
-# write below first checks that parent is still alive (a worker orphaned by a kill writes nothing).
-_WRITES_FOR_PARENT: Optional[int] = None
-
-
-def write_only_while_parent_lives(parent_pid: Optional[int]) -> None:
-    """In a worker process: exit (``os._exit``) instead of writing once ``parent_pid`` is gone."""
-    global _WRITES_FOR_PARENT
-    _WRITES_FOR_PARENT = parent_pid
-
-
-def _check_parent() -> None:
-    if _WRITES_FOR_PARENT is not None and os.getppid() != _WRITES_FOR_PARENT:
-        os._exit(1)  # orphaned: the parent was killed; a resume may own these files now
-
-
-def write_atomic(path: str, write: Callable) -> None:
-    """Call ``write(binary file)`` on a fresh temporary file beside ``path`` (created exclusively,
-    never through a symbolic link), then rename it over ``path`` (a link there is replaced, not
-    followed). A kill leaves ``path`` old or new, never half written, and at most a ``*.tmp``."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    _check_parent()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        _check_parent()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(obj, path: str) -> None:
-    """``obj`` as indented JSON, written as :func:`write_atomic` writes."""
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-def _append_line(path: str, line: str) -> None:
-    """Append one line, refusing to write through a symbolic link."""
-    _check_parent()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
-    except OSError as err:
-        raise RunFileError(f"{path}: cannot append to it ({_one_line(err)}); a symbolic link is "
-                           f"never written through") from None
-    with os.fdopen(fd, "a") as f:
-        f.write(line + "\n")
-
-
-def remove_leftovers(directory: str) -> List[str]:
-    """Remove the ``*.tmp`` files a killed writer left in ``directory`` (links themselves, never
-    their targets); returns their names."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(directory):
-            if entry.name.endswith(".tmp") and not entry.is_dir(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
-    return removed
-
-
 def _save_atomic(obj, path: str) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
@@ -315,7 +171,7 @@ def _restore(state: dict, path: str, model: nn.Module, opt, sched) -> List[Epoch
         if [m.epoch for m in history] != list(range(1, int(state["epoch"]) + 1)):
             raise ValueError(f"history of epochs {[m.epoch for m in history]} for epoch {state['epoch']}")
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
-        raise RunFileError(f"{path}: does not fit this run ({_one_line(err)}); delete it to restart "
+        raise RunFileError(f"{path}: does not fit this run ({one_line(err)}); delete it to restart "
                            f"the run, or resume with the options it was made with") from None
     return history
 
@@ -462,7 +318,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
                 _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), "epoch": epoch,
                               "history": [asdict(m) for m in result.history]}, ckpt)
-                _append_line(metrics_path, json.dumps(asdict(metrics)))
+                append_line(metrics_path, json.dumps(asdict(metrics)))
             if writer is not None:
                 for key, value in asdict(metrics).items():
                     if isinstance(value, (int, float)) and key != "epoch":

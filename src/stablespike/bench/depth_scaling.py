@@ -21,12 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
-import threading
-import time
-import traceback
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -36,14 +31,15 @@ from ..distributed import broadcast_from_main, current, setup
 from ..models import SpikingMLP, SpikingVGG
 from ..streaming import FiringRateMonitor
 from ..surrogate import fast_sigmoid
-from ..train import (EpochMetrics, OptionError, RunFileError, TrainConfig, check_integer, check_number,
-                     detach_state, fit, model_input, remove_leftovers, write_json,
-                     write_only_while_parent_lives)
+from ..options import OptionError, check_integer, check_number
+from ..runfiles import RunFileError, remove_leftovers, write_json
+from ..train import EpochMetrics, TrainConfig, detach_state, fit, model_input
+from .lock import acquire_lock, release_lock
+from .workers import run_parallel
 
 log = logging.getLogger(__name__)
 METHODS = ("vanilla", "lyapunov")
 INITS = ("default", "stable", "calibrated", "fluctuation")
-LOCK_NAME = "sweep.lock"
 
 
 @dataclass
@@ -274,7 +270,8 @@ def _run_locked(cfg: SweepConfig, out_dir: str, resume: bool, jobs: int, ranks, 
             if ranks.is_main:
                 collect_results(cfg, out_dir)
     else:
-        _run_parallel(cfg, out_dir, pending, resume, jobs)
+        run_parallel(cfg, out_dir, pending, resume, jobs, run_one, _dataset,
+                     lambda: collect_results(cfg, out_dir))
     return broadcast_from_main(collect_results(cfg, out_dir) if ranks.is_main else None)
 
 
@@ -288,96 +285,6 @@ def _make_out_dir(out_dir: str) -> None:
     except OSError as err:
         raise OptionError("out_dir", f"expected a directory that can be created and written, got "
                                      f"{out_dir!r} ({err.strerror or err})") from None
-
-
-# --- one owner per sweep directory ---------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine runs (a zombie counts as gone)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # no probe without native calls: a lock is taken as held
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _lock_owner(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            owner = json.load(f)
-        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # unreadable or half written: no owner can be shown alive
-
-
-def _owner_alive(owner: dict) -> bool:
-    if not owner:
-        return False
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's process (a shared disk): cannot be probed from here
-    return owner["pid"] != os.getpid() and _pid_alive(owner["pid"])
-
-
-def acquire_lock(out_dir: str) -> str:
-    """Make this process the owner of ``out_dir`` (the file ``sweep.lock`` with its pid and host);
-    an OptionError naming ``out_dir`` while another live process owns it. A lock whose process is
-    gone (killed) is taken over. Returns the lock's path, for :func:`release_lock`."""
-    path = os.path.join(out_dir, LOCK_NAME)
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
-    for _ in range(5):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except FileExistsError:
-            owner = _lock_owner(path)
-            if owner == {}:  # perhaps being written this instant: look again before calling it stale
-                time.sleep(0.2)
-                owner = _lock_owner(path)
-            if owner is None:
-                continue  # released meanwhile
-            if _owner_alive(owner):
-                raise OptionError("out_dir", f"{out_dir!r} is in use by process {owner['pid']} on "
-                                             f"{owner['host']} (lock file {path}); wait for that sweep "
-                                             f"to end or stop it (delete the lock file only if no "
-                                             f"sweep runs there)") from None
-            # stale: move it aside atomically; if what moved is not the stale lock we read,
-            # another process took it over in between: give it back and stop
-            aside = f"{path}.{os.getpid()}.stale.tmp"
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue
-            if _lock_owner(aside) != owner:
-                try:
-                    os.link(aside, path)
-                finally:
-                    os.unlink(aside)
-                continue
-            os.unlink(aside)
-            log.info("took over %s from process %s, which is gone", path, owner.get("pid", "?"))
-            continue
-        with os.fdopen(fd, "wb") as f:
-            f.write(me)
-        return path
-    raise OptionError("out_dir", f"{out_dir!r}: could not take the lock file {path}; another "
-                                 f"process keeps taking it")
-
-
-def release_lock(path: str) -> None:
-    """Remove the lock at ``path`` if this process still owns it."""
-    owner = _lock_owner(path)
-    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        os.unlink(path)
 
 
 # --- memory ----------------------------------------------------------------------------------------
@@ -436,98 +343,6 @@ def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, d
     log.info("%s: %s, test acc %s", key.name, result.status,
              f"{result.history[-1].test_acc:.3f}" if result.history else "-")
     return record
-
-
-# --- parallel runs ---------------------------------------------------------------------------------
-def _run_parallel(cfg: SweepConfig, out_dir: str, keys: List[RunKey], resume: bool, jobs: int) -> None:
-    """``jobs`` worker processes (spawned: no forked torch thread pools), each with its share of
-    the cores, fed one run at a time through a pipe; each finished run is on disk before the
-    summary files are rewritten. On any error or Ctrl-C the workers are stopped (their runs
-    resume from their last checkpoint)."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-    ctx = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    quiet = replace(cfg, train=replace(cfg.train, progress=False))  # no interleaved bars
-    todo, workers, running = list(keys), [], {}
-    try:
-        for _ in range(min(jobs, len(todo))):
-            here, there = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(there, quiet, out_dir, resume, threads, os.getpid()),
-                               daemon=True)
-            proc.start()
-            there.close()
-            workers.append((proc, here))
-            running[here] = None
-        for conn in list(running):
-            running[conn] = _next(conn, todo)
-        while any(k is not None for k in running.values()):
-            busy = [c for c, k in running.items() if k is not None]
-            ready = wait(busy + [p.sentinel for p, c in workers if c in busy])
-            for proc, conn in workers:
-                key = running.get(conn)
-                if key is None or not (conn in ready or proc.sentinel in ready):
-                    continue
-                try:
-                    status, error = conn.recv()
-                except EOFError:
-                    proc.join(1)
-                    raise ChildProcessError(
-                        f"the worker process running {key.name} died (exit code {proc.exitcode}, e.g. "
-                        f"killed for memory); resume the sweep to continue") from None
-                if status == "error":
-                    raise error
-                collect_results(cfg, out_dir)
-                running[conn] = _next(conn, todo)
-    finally:
-        for proc, conn in workers:
-            conn.close()  # an idle worker reads the end of its pipe and exits
-        for proc, _ in workers:
-            proc.join(0.5)
-            if proc.is_alive():
-                proc.terminate()  # a busy one is stopped; its run resumes from its checkpoint
-                proc.join()
-
-
-def _next(conn, todo: List[RunKey]) -> Optional[RunKey]:
-    key = todo.pop(0) if todo else None
-    if key is not None:
-        conn.send(key)
-    return key
-
-
-def _watch_parent(parent: int, every: float = 0.05) -> None:
-    """Exit this worker as soon as its parent is gone (SIGKILL, out-of-memory kill, closed
-    terminal: the parent cannot clean up, so each worker watches it)."""
-    while os.getppid() == parent:
-        time.sleep(every)
-    os._exit(1)
-
-
-def _worker(conn, cfg: SweepConfig, out_dir: str, resume: bool, threads: int, parent: int) -> None:
-    """A worker of :func:`_run_parallel`: runs the keys it receives until its pipe closes."""
-    write_only_while_parent_lives(parent)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = None
-    while True:
-        try:
-            key = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            data = data if data is not None else _dataset(cfg)
-            run_one(cfg, out_dir, key, resume, data)
-            conn.send(("done", None))
-        except Exception as err:  # handed to the parent, which raises it
-            if not isinstance(err, (ValueError, OSError, ImportError)):
-                err = RuntimeError(f"run {key.name} failed in a worker process:\n{traceback.format_exc()}")
-            try:
-                conn.send(("error", err))
-            except Exception:  # an exception that does not pickle
-                conn.send(("error", RuntimeError(f"run {key.name}: {traceback.format_exc()}")))
 
 
 # --- results ---------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def write_report(run_dir: str) -> str:
     ``results.json`` and ``results_seeds.json`` are made again from them, and one that says
     something else (edited by hand, corrupt) is refused with an error naming it."""
     from .depth_scaling import load_sweep
-    from ..train import write_atomic
+    from ..runfiles import write_atomic
     config, results = load_sweep(run_dir)
     rows = summarize(results)
     variants = list(results)
