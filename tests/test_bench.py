@@ -1,6 +1,7 @@
 """The depth-scaling sweep: resume after a kill, divergence recorded, report, CLI errors."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,3 +123,13 @@ def test_a_sweep_without_the_default_init_reports_its_own_pair(tmp_path):
     text = write_report(str(tmp_path))
     assert "calibrated Acc" in text and "calibrated+lyapunov Acc" in text and "init calibrated" in text
     assert "Vanilla" not in text
+
+
+def test_the_report_judges_conditioning_by_the_effective_condition_number(tmp_path):
+    # weight gradients are rank-deficient: the seed's largest / (smallest + 1e-12) is huge on any
+    # net, and the report used to call every run ill-conditioned from it
+    by_seed = run_sweep(replace(small(), depths=[2]), str(tmp_path))
+    last = by_seed["vanilla"]["2"]["0"]["history"][-1]
+    assert last["grad_condition"] > 1e6
+    assert 1 <= last["grad_condition_eff"] < 1e6
+    assert "ill-conditioned" not in write_report(str(tmp_path))

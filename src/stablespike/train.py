@@ -40,7 +40,7 @@ from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main,
 from .lyapunov import PENALTY_KINDS, LyapunovRegularizer
 from .options import OptionError, check_device, check_integer, check_number, one_line
 from .runfiles import RunFileError, append_line, remove_leftovers, write_atomic
-from .stability import gradient_norm, _gradient_spectra, _condition
+from .stability import _condition, _gradient_spectra, _rank_tolerance, effective_condition, gradient_norm
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,10 @@ class EpochMetrics:
     grad_norm: float
     grad_max_sv: Optional[float]
     grad_min_sv: Optional[float]
-    grad_condition: Optional[float]
+    grad_condition: Optional[float]  # seed 000's largest / (smallest + 1e-12), layer mean
     lr: float
     time_sec: float
+    grad_condition_eff: Optional[float] = None  # over the numerical rank, worst layer (the alarm's)
 
 
 @dataclass
@@ -376,9 +377,11 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
         if i % config.sv_every == 0:
             spectra = _gradient_spectra(model)
             if spectra:
+                rtol = _rank_tolerance(model)
                 svs.append((float(max(s[0] for s in spectra.values())),
                             float(min(s[-1] for s in spectra.values())),
-                            float(sum(_condition(s) for s in spectra.values()) / len(spectra))))
+                            float(sum(_condition(s) for s in spectra.values()) / len(spectra)),
+                            max(effective_condition(s, rtol[name]) for name, s in spectra.items())))
         opt.step()
         detach_state(model)  # the neurons' kept state must not hold the freed graph
         for cb in callbacks:
@@ -388,6 +391,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
         seen += len(xb)
     total_loss, correct, seen = sum_across_ranks([total_loss, correct, seen])
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
-    sv = [mean([s[j] for s in svs]) for j in range(3)] if svs else [None] * 3
+    sv = [mean([s[j] for s in svs]) for j in range(4)] if svs else [None] * 4
     return EpochMetrics(epoch, total_loss / seen, correct / seen, math.nan, math.nan, mean(lyaps),
-                        mean(norms), sv[0], sv[1], sv[2], opt.param_groups[0]["lr"], time.time() - t0)
+                        mean(norms), sv[0], sv[1], sv[2], opt.param_groups[0]["lr"], time.time() - t0,
+                        sv[3])

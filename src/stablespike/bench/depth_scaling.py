@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -346,7 +346,7 @@ def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, d
 
 
 # --- results ---------------------------------------------------------------------------------------
-_RUN_FIELDS = {f.name for f in fields(EpochMetrics)}
+_RUN_FIELDS = {f.name for f in fields(EpochMetrics) if f.default is MISSING}  # later ones optional
 
 
 def _read_run(path: str) -> Dict:

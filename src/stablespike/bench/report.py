@@ -9,13 +9,15 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from ..rules import Thresholds
+
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
 
 def _final(run: dict, key: str):
     if run["status"] != "OK" or not run["history"]:
         return None
-    value = run["history"][-1][key]
+    value = run["history"][-1].get(key)  # fields added later are absent from older run files
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
@@ -40,7 +42,7 @@ def summarize(results: Dict) -> List[dict]:
             row[f"{m}_failed"] = sum(1 for r in runs if r["status"] != "OK")
             row[f"{m}_lyap"] = _stats([_final(r, "lyapunov") for r in runs])[0]
             row[f"{m}_grad"] = _stats([_final(r, "grad_norm") for r in runs])[0]
-            row[f"{m}_cond"] = _stats([_final(r, "grad_condition") for r in runs])[0]
+            row[f"{m}_cond"] = _stats([_final(r, "grad_condition_eff") for r in runs])[0]
         rows.append(row)
     return rows
 
@@ -85,11 +87,13 @@ def observations(rows: List[dict], variants: List[str]) -> List[str]:
     base, reg = _pair(variants)
     notes = []
     for r in rows:
-        cond = r.get(f"{base}_cond", math.nan)
-        if cond > 1e6:
-            notes.append(f"Depth {r['depth']}: {base} has ill-conditioned gradients (κ = {cond:.1e} > 1e6)")
-        elif cond > 1e4:
-            notes.append(f"Depth {r['depth']}: {base} has moderately ill-conditioned gradients (κ = {cond:.1e})")
+        cond, th = r.get(f"{base}_cond", math.nan), Thresholds()  # the profiler's own thresholds
+        if cond > th.condition_critical:
+            notes.append(f"Depth {r['depth']}: {base} has ill-conditioned gradients (effective κ = "
+                         f"{cond:.1e} > {th.condition_critical:.0e})")
+        elif cond > th.condition_warning:
+            notes.append(f"Depth {r['depth']}: {base} has moderately ill-conditioned gradients "
+                         f"(effective κ = {cond:.1e} > {th.condition_warning:.0e})")
         for m in variants:
             if r[f"{m}_failed"]:
                 notes.append(f"Depth {r['depth']}: {r[f'{m}_failed']} {m} run(s) diverged")
