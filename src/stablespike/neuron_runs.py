@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,9 +37,15 @@ from .neurons import Layer
 Replacement = Dict[int, torch.Tensor]  # id(old tensor) -> new tensor
 
 
-@torch.compiler.disable
-def _opaque(fn, *args, **kwargs):
-    return fn(*args, **kwargs)
+_OPAQUE: List[Callable] = []
+
+
+def _opaque() -> Callable:
+    """``call(fn, *args, **kwargs)`` that torch.compile does not trace, made on first use: the
+    decorator imports torch._dynamo (1.2 s), which only users of torch.compile need."""
+    if not _OPAQUE:
+        _OPAQUE.append(torch.compiler.disable(lambda fn, *args, **kwargs: fn(*args, **kwargs)))
+    return _OPAQUE[0]
 
 
 def _eager(fn):
@@ -49,7 +55,7 @@ def _eager(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         if torch.compiler.is_compiling():
-            return _opaque(fn, *args, **kwargs)
+            return _opaque()(fn, *args, **kwargs)
         return fn(*args, **kwargs)
     return call
 
@@ -233,7 +239,7 @@ class NeuronRun(abc.ABC):
         groups = [self.chosen] if self.joint else [[n] for n in open_]
         for group in groups:
             if any(m.calls != group[0].calls for m in group):
-                raise ValueError(f"model: neurons took different numbers of steps: " + ", ".join(
+                raise ValueError("model: neurons took different numbers of steps: " + ", ".join(
                     f"{m.name!r} {m.calls}" for m in group))
         return groups
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
-                       check_positive, check_tensor, describe, user_stacklevel)
+                       check_positive, check_tensor, user_stacklevel)
 from ..dynamics import run_twins, select_layers, state_spec_of
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
