@@ -3,6 +3,7 @@ import json
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ import stablespike.bench.depth_scaling as ds
 from stablespike.bench import SweepConfig, run_sweep
 from stablespike.bench.report import write_report
 from stablespike.cli import main
+from stablespike.data import load_dataset
 from stablespike.train import TrainConfig
 
 
@@ -34,6 +36,9 @@ def test_a_killed_sweep_resumes_without_recomputing_or_corrupting(tmp_path, monk
     first = (tmp_path / "runs" / "vanilla_d1_s0.json").read_text()
     results = json.loads((tmp_path / "results.json").read_text())  # valid JSON after the kill
     assert list(results["vanilla"]) == ["1"] and results["lyapunov"] == {}
+    # the report renders what has finished: one run, three missing
+    assert "1 of 4 runs finished: a partial sweep" in write_report(str(tmp_path))
+    assert "<table" in (tmp_path / "report.html").read_text()
     calls.clear()
     monkeypatch.setattr(ds, "fit", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
     by_seed = run_sweep(small(), str(tmp_path), resume=True)
@@ -104,6 +109,11 @@ def test_inits_side_by_side_with_the_profilers_verdict(tmp_path):
     assert any("silent_layer" in f for f in deep_default["verdict"]["findings"])
     text = write_report(str(tmp_path))
     assert "calibrated+lyapunov Acc" in text and "failing run vanilla depth 8" in text
+    # the report says what to do for the silent deep run: the cure measured in this repository
+    todo = [line for line in text.splitlines() if line.startswith("What to do for")]
+    assert any("vanilla d8 s0" in line and "--init calibrated --surrogate_slope 1" in line for line in todo)
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>What to do</h2>" in page and "<table>" in page
 
 
 def test_the_surrogate_slope_reaches_every_neuron():
@@ -133,3 +143,44 @@ def test_the_report_judges_conditioning_by_the_effective_condition_number(tmp_pa
     assert last["grad_condition"] > 1e6
     assert 1 <= last["grad_condition_eff"] < 1e6
     assert "ill-conditioned" not in write_report(str(tmp_path))
+
+
+def test_a_sweep_stopped_before_its_first_run_finished_has_a_report(tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ds, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(small(), str(tmp_path))
+    assert "0 of 4 runs finished" in write_report(str(tmp_path))
+
+
+def test_subsets_are_stratified_and_seeded():
+    from stablespike.data import load_dataset, stratified_subset
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    picked = stratified_subset(y, 10, seed=4)
+    assert sorted(np.bincount(y[picked])) == [2, 3, 5] and len(set(picked)) == 10  # 50:30:20
+    assert np.array_equal(picked, stratified_subset(y, 10, seed=4))
+    assert not np.array_equal(np.sort(picked), np.sort(stratified_subset(y, 10, seed=5)))
+    digits = load_dataset("digits")
+    sub = digits.subset(train=101, test=40, seed=0)
+    assert len(sub.x_train) == 101 and len(sub.y_test) == 40
+    counts = np.bincount(sub.y_train.numpy(), minlength=10)
+    full = np.bincount(digits.y_train.numpy(), minlength=10) * 101 / len(digits.y_train)
+    assert np.all(np.abs(counts - full) < 1)  # each class within rounding of its share
+    with pytest.raises(ValueError, match="train_subset"):
+        digits.subset(train=0)
+
+
+def test_width_sets_the_vgg_channels_and_help_shows_every_default(capsys):
+    from stablespike.cli import build_parser
+    cfg = SweepConfig(dataset="digits", model="vgg", depths=[2], width=8)
+    model = ds.build_model(cfg, 2, load_dataset("digits"))
+    assert model.stages[0][0].conv.out_channels == 8 and model.stages[1][0].conv.out_channels == 16
+    assert SweepConfig(model="vgg").width == 64 and SweepConfig().width == 128
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "depth-scaling", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 2 4;", "(default: 10;", "(default: 128;", "(default: 8;", "(default: 0.001)",
+                  "(default: squared)", "(default: 0.0001)", "(default: runs/depth_scaling)",
+                  "(default: 128 for the MLP, 64 for the VGG", "(default: all)"):
+        assert shown in text, shown

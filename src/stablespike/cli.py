@@ -37,6 +37,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """``--help`` shows each option's default: from the parser, unless the help text already says
+    it (options a preset may set, whose parser default is None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -58,47 +69,70 @@ def _finite(text: str) -> float:
     return value
 
 
+# Defaults of the options a preset may set (None in the parser: "not given, take the preset's").
+DEFAULTS = dict(dataset="digits", model="mlp", depths=[2, 4], seeds=[0], epochs=10, batch_size=128, T=8)
+
+
+def _preset_default(name: str, text: str = "") -> str:
+    """Help text with the default and what each preset sets instead."""
+    presets = "; ".join(f"--preset {p}: {_shown(v[name])}" for p, v in PRESETS.items() if name in v)
+    default = DEFAULTS.get(name)
+    return (f"{text + ' ' if text else ''}(default: {_shown(default)}" + (f"; {presets}" if presets else "")
+            + ")").replace("%", "%%")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stablespike", description="Diagnose and stabilize deep SNN training.")
     sub = p.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks of the science").add_subparsers(dest="bench", required=True)
-    d = bench.add_parser("depth-scaling", help="seed 002: depths x {vanilla, lyapunov} x seeds")
+    d = bench.add_parser("depth-scaling", help="seed 002: depths x {vanilla, lyapunov} x seeds",
+                         formatter_class=_DefaultsShown)
     d.add_argument("--preset", choices=sorted(PRESETS), help="quick: digits on a CPU; paper: CIFAR-100 on a GPU")
-    d.add_argument("--dataset", choices=DATASETS)
-    d.add_argument("--model", choices=("mlp", "vgg"))
-    d.add_argument("--depths", type=_positive_int, nargs="+")
-    d.add_argument("--seeds", type=int, nargs="+")
+    d.add_argument("--dataset", choices=DATASETS, help=_preset_default("dataset"))
+    d.add_argument("--model", choices=("mlp", "vgg"), help=_preset_default("model"))
+    d.add_argument("--depths", type=_positive_int, nargs="+", help=_preset_default("depths"))
+    d.add_argument("--seeds", type=int, nargs="+", help=_preset_default("seeds"))
     d.add_argument("--seed", type=int, help="a single seed (seed 002's flag); --seeds takes several")
-    d.add_argument("--width", type=_positive_int, help="units per MLP layer")
-    d.add_argument("--T", type=_positive_int)
-    d.add_argument("--encoder", choices=ENCODERS, default="direct")
-    d.add_argument("--epochs", type=_positive_int)
-    d.add_argument("--batch_size", type=_positive_int)
-    d.add_argument("--lr", type=_finite, default=1e-3)
-    d.add_argument("--lambda_reg", type=_finite, default=0.3)
-    d.add_argument("--lambda_target", type=_finite, default=-0.1)
-    d.add_argument("--reg_type", choices=PENALTY_KINDS, default="squared")
-    d.add_argument("--warmup_epochs", type=int, default=0)
+    d.add_argument("--width", type=_positive_int,
+                   help="units per MLP layer, or the VGG's base channels (doubled each stage) "
+                        "(default: 128 for the MLP, 64 for the VGG; --preset quick: 128)")
+    d.add_argument("--train_subset", type=_positive_int,
+                   help="train on this many samples, drawn per class in proportion (seeded by the "
+                        "first seed) (default: all)")
+    d.add_argument("--test_subset", type=_positive_int, help="test on this many, drawn alike (default: all)")
+    d.add_argument("--T", type=_positive_int, help=_preset_default("T", "time steps"))
+    d.add_argument("--encoder", choices=ENCODERS, default="direct", help="input encoding")
+    d.add_argument("--epochs", type=_positive_int, help=_preset_default("epochs"))
+    d.add_argument("--batch_size", type=_positive_int, help=_preset_default("batch_size"))
+    d.add_argument("--lr", type=_finite, default=1e-3, help="AdamW learning rate")
+    d.add_argument("--lambda_reg", type=_finite, default=0.3, help="weight of the Lyapunov penalty")
+    d.add_argument("--lambda_target", type=_finite, default=-0.1, help="target exponent of the penalty")
+    d.add_argument("--reg_type", choices=PENALTY_KINDS, default="squared", help="penalty kind")
+    d.add_argument("--warmup_epochs", type=int, default=0, help="epochs before the penalty starts")
     d.add_argument("--stable_init", action="store_true", help="seed 002's flag: the same as --init stable")
     d.add_argument("--init", choices=("default", "stable", "calibrated", "fluctuation"), default="default",
                    help="calibrated: every layer fires at --target_rate before training")
     d.add_argument("--inits", nargs="+", choices=("default", "stable", "calibrated", "fluctuation"),
                    help="several inits side by side, e.g. --inits default calibrated: vanilla, lyapunov, "
                         "calibrated, calibrated+lyapunov in one report")
-    d.add_argument("--target_rate", type=_finite, default=0.1)
+    d.add_argument("--target_rate", type=_finite, default=0.1, help="firing rate of calibrated inits")
     d.add_argument("--surrogate_slope", type=_finite, default=25.0,
                    help="fast-sigmoid surrogate slope (seed: 25); 1-2 lets gradients through deep nets")
-    d.add_argument("--lyap_threshold", type=_finite, default=2.0)
-    d.add_argument("--lyap_eps", type=_finite, default=1e-4)
-    d.add_argument("--lyap_fraction", type=_finite, default=1.0)
+    d.add_argument("--lyap_threshold", type=_finite, default=2.0, help="threshold of the penalty kinds that use one")
+    d.add_argument("--lyap_eps", type=_finite, default=1e-4, help="finite-difference perturbation size")
+    d.add_argument("--lyap_fraction", type=_finite, default=1.0, help="share of each batch estimated")
     d.add_argument("--grad_clip", type=_finite, default=10.0, help="gradient-norm clipping (seed: 10)")
-    d.add_argument("--data_dir")
-    d.add_argument("--out_dir", default="runs/depth_scaling")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--data_dir", help="where the data files are (default: Debian's copy for Fashion-MNIST)")
+    d.add_argument("--out_dir", default="runs/depth_scaling", help="the sweep's directory")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     d.add_argument("--resume", action="store_true", help="finish the sweep in --out_dir (needs --out_dir)")
     d.add_argument("--jobs", type=_positive_int, default=1,
                    help="independent runs at once in separate processes on this machine")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="re-render the report of a sweep directory")
     r.add_argument("run_dir")
     return p
@@ -109,16 +143,18 @@ def _sweep_config(args):
     from .train import TrainConfig
     preset = dict(PRESETS.get(args.preset, {}))
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)  # noqa: E731
-    seeds = args.seeds if args.seeds is not None else ([args.seed] if args.seed is not None else preset.get("seeds", [0]))
-    train = TrainConfig(epochs=pick("epochs", 10), batch_size=pick("batch_size", 128), lr=args.lr,
+    seeds = args.seeds if args.seeds is not None else ([args.seed] if args.seed is not None else
+                                                       preset.get("seeds", DEFAULTS["seeds"]))
+    train = TrainConfig(epochs=pick("epochs", DEFAULTS["epochs"]), batch_size=pick("batch_size", DEFAULTS["batch_size"]), lr=args.lr,
                         lambda_reg=args.lambda_reg, lambda_target=args.lambda_target,
                         reg_type=args.reg_type, lyap_threshold=args.lyap_threshold,
                         warmup_epochs=args.warmup_epochs, lyap_eps=args.lyap_eps,
-                        lyap_fraction=args.lyap_fraction, grad_clip=args.grad_clip, T=pick("T", 8),
+                        lyap_fraction=args.lyap_fraction, grad_clip=args.grad_clip, T=pick("T", DEFAULTS["T"]),
                         encoder=args.encoder, augment=preset.get("augment", False), device=args.device,
                         progress=not args.no_progress, seed=seeds[0] if seeds and seeds[0] >= 0 else 0)
-    return SweepConfig(dataset=pick("dataset", "digits"), model=pick("model", "mlp"),
-                       depths=pick("depths", [2, 4]), seeds=seeds, width=pick("width", 128),
+    return SweepConfig(dataset=pick("dataset", DEFAULTS["dataset"]), model=pick("model", DEFAULTS["model"]),
+                       depths=pick("depths", DEFAULTS["depths"]), seeds=seeds, width=pick("width", None),
+                       train_subset=args.train_subset, test_subset=args.test_subset,
                        stable_init=args.stable_init, init=args.init, inits=args.inits,
                        target_rate=args.target_rate, surrogate_slope=args.surrogate_slope,
                        data_dir=args.data_dir, train=train)

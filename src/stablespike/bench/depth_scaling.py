@@ -1,8 +1,9 @@
 """The depth-scaling experiment of seed 002: depths x {vanilla, lyapunov} x seeds.
 
-Each run trains a fresh model (spiking MLP of ``width`` units per layer, or the spiking VGG with
-seed 002's depth-to-stages mapping) with :func:`stablespike.train.fit`. A run's result is written
-atomically to ``runs/<method>_d<depth>_s<seed>.json`` as soon as it finishes. Those run files are
+Each run trains a fresh model (spiking MLP of ``width`` units per layer, or the spiking VGG of
+``width`` base channels with seed 002's depth-to-stages mapping) with :func:`stablespike.train.fit`,
+on the whole data set or a stratified, seeded subset (``train_subset``, ``test_subset``). A run's
+result is written atomically to ``runs/<method>_d<depth>_s<seed>.json`` as soon as it finishes. Those run files are
 the source of truth: ``results.json`` (seed 002's format: ``{method: {depth: [epoch metrics]}}``,
 first seed) and ``results_seeds.json`` (every seed, with status) are made from them after every
 run, and a summary that says something the run files do not (edited by hand, corrupt) is refused
@@ -50,13 +51,15 @@ class SweepConfig:
     model: str = "mlp"
     depths: List[int] = field(default_factory=lambda: [2, 4])
     seeds: List[int] = field(default_factory=lambda: [0])
-    width: int = 128
+    width: Optional[int] = None  # MLP units per layer (default 128), VGG base channels (64, seed 002)
     stable_init: bool = False
     init: str = "default"  # default | stable | calibrated | fluctuation
     inits: Optional[List[str]] = None  # several inits side by side; default: [init]
     target_rate: float = 0.1
     surrogate_slope: float = 25.0  # fast-sigmoid slope of every neuron (seed 002: 25)
     data_dir: Optional[str] = None
+    train_subset: Optional[int] = None  # at most this many training samples (stratified, seeded)
+    test_subset: Optional[int] = None  # ... and test samples
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -71,7 +74,12 @@ class SweepConfig:
             setattr(self, name, [check_integer(v, name, minimum) for v in values])
             if len(set(getattr(self, name))) != len(values):
                 raise OptionError(name, f"expected distinct values, got {values!r}")
+        if self.width is None:
+            self.width = 128 if self.model == "mlp" else 64
         check_integer(self.width, "width", 1)
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                check_integer(getattr(self, name), name, 1)
         check_number(self.target_rate, "target_rate", 0, 1, low_open=True, high_open=True)
         check_number(self.surrogate_slope, "surrogate_slope", 0, low_open=True)
         if self.data_dir is not None:
@@ -169,7 +177,8 @@ def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None) 
         if data.kind != "image":
             raise ValueError(f"model: the VGG needs images, {data.name} is a {data.kind} data set")
         stages, blocks = vgg_stages(depth)
-        model = SpikingVGG.for_input(data.input_shape, num_classes=data.num_classes, num_stages=stages,
+        model = SpikingVGG.for_input(data.input_shape, num_classes=data.num_classes,
+                                     base_channels=cfg.width, num_stages=stages,
                                      blocks_per_stage=blocks, T=cfg.train.T, stable_init=init == "stable",
                                      spike_grad=fast_sigmoid(cfg.surrogate_slope))
     if init in ("calibrated", "fluctuation"):
@@ -322,7 +331,8 @@ def _run_path(out_dir: str, key: RunKey) -> str:
 
 
 def _dataset(cfg: SweepConfig):
-    return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seeds[0])
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seeds[0])
+    return data.subset(cfg.train_subset, cfg.test_subset, seed=cfg.seeds[0])
 
 
 def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, data=None) -> Dict:

@@ -23,6 +23,7 @@ file. Nothing here downloads anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import operator
@@ -58,6 +59,18 @@ class Dataset:
     @property
     def input_shape(self) -> Tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def subset(self, train: Optional[int] = None, test: Optional[int] = None, seed: int = 0) -> "Dataset":
+        """The data set with at most ``train`` training and ``test`` test samples, each drawn by
+        :func:`stratified_subset` (class proportions kept; the same seed, the same samples)."""
+        out = self
+        for part, n in (("train", train), ("test", test)):
+            if n is None:
+                continue
+            y = getattr(out, f"y_{part}")
+            keep = torch.from_numpy(stratified_subset(y.numpy(), n, seed, name=f"{part}_subset"))
+            out = dataclasses.replace(out, **{f"x_{part}": getattr(out, f"x_{part}")[keep], f"y_{part}": y[keep]})
+        return out
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, seed: int = 0) -> Dataset:
@@ -99,6 +112,23 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> Tuple[np
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def stratified_subset(y: np.ndarray, n: int, seed: int, name: str = "n") -> np.ndarray:
+    """Indices of ``n`` samples of labels ``y`` ``(N,)`` drawn without replacement, each class in
+    its proportion (largest remainders for the rounding), seeded; all ``N`` when ``n >= N``.
+    ``name`` is the argument named in errors."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {n!r}")
+    if n >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * n / len(y)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1  # largest remainders
+    picked = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    return rng.permutation(np.concatenate(picked))
 
 
 def _optional(module: str, extra: str):
