@@ -15,7 +15,8 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:72em}"
         "table{border-collapse:collapse;margin:1em 0}"
         "th,td{border:1px solid #bbb;padding:.3em .7em;text-align:right}"
         "th{background:#eee}td:first-child,th:first-child{text-align:center}"
-        "img{max-width:100%}")
+        "img{max-width:100%;display:block;margin:1em 0}"
+        "summary{font-size:1.5em;font-weight:bold;margin:.8em 0;cursor:pointer}")
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
 
@@ -311,7 +312,7 @@ def _page(head: str, table_html: str, sections, images: Dict[str, bytes]) -> str
         if not lines:
             continue
         items = "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in lines) + "</ul>"
-        parts.append(f"<details><summary><h2>{esc(title)} ({len(lines)})</h2></summary>{items}</details>"
+        parts.append(f"<details><summary>{esc(title)} ({len(lines)})</summary>{items}</details>"
                      if title.startswith("Failing") else f"<h2>{esc(title)}</h2>{items}")
     parts += [f"<img alt='{esc(n)}' src='data:image/png;base64,{base64.b64encode(b).decode()}'>"
               for n, b in images.items()]
