@@ -2,11 +2,12 @@
 # The depth-scaling study on Fashion-MNIST (issue 17), spiking MLP part: run it (or rerun it after a
 # stop: every sweep resumes) from the repository root. Data: Debian's dataset-fashion-mnist, or the
 # four IDX files in $DATA (default data/fashion-mnist). Each sweep takes ~20-40 min on 2 cores.
+# lyap_eps 0.01: the default 1e-4 spread over 256-4096 membranes is below what float32 resolves.
 set -euo pipefail
 DATA=${DATA:-data/fashion-mnist}
 COMMON=(bench depth-scaling --dataset fashion_mnist --data_dir "$DATA" --train_subset 6000 --test_subset 2000
         --depths 2 4 8 16 32 --seeds 0 1 2 --epochs 8 --width 128 --T 4 --batch_size 128
-        --lyap_fraction 0.25 --jobs 2 --no-progress --resume)
+        --lyap_eps 0.01 --lyap_fraction 0.25 --jobs 2 --no-progress --resume)
 # the seeds' setting (Xavier init, surrogate slope 25), without and with the Lyapunov penalty
 .venv/bin/stablespike "${COMMON[@]}" --inits default --surrogate_slope 25 --out_dir runs/fashion_mlp_seed
 # the cure (calibrated init + slope 1) and the published alternative (fluctuation-driven init), each
