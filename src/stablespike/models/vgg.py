@@ -160,6 +160,9 @@ class SpikingVGG(SeedModel):
         Returns:
             ``(logits (B, num_classes), lyap_est or None, recordings or None)``.
         """
+        if isinstance(x, torch.Tensor) and x.dim() in (4, 5) and min(x.shape[-2:]) < 1:
+            raise ValueError(f"x: expected images of at least 1x1 pixels, got size (H, W) = "
+                             f"{tuple(x.shape[-2:])} in {describe(x)}")
         check_tensor(x, "x", ndims=(4, 5), layout="(B, C, H, W) or (T, B, C, H, W)", floating=True)
         if x.shape[-3] != self.in_channels:
             raise ValueError(f"x: expected images with in_channels={self.in_channels} channels "
