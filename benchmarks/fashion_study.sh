@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The depth-scaling study on Fashion-MNIST (issue 17), spiking MLP part: run it (or rerun it after a
+# The depth-scaling study on Fashion-MNIST (issue 17), spiking MLP and VGG: run it (or rerun it after a
 # stop: every sweep resumes) from the repository root. Data: Debian's dataset-fashion-mnist, or the
 # four IDX files in $DATA (default data/fashion-mnist). Each sweep takes ~20-40 min on 2 cores.
 # lyap_eps 0.01: the default 1e-4 spread over 256-4096 membranes is below what float32 resolves.
@@ -13,3 +13,9 @@ COMMON=(bench depth-scaling --dataset fashion_mnist --data_dir "$DATA" --train_s
 # the cure (calibrated init + slope 1) and the published alternative (fluctuation-driven init), each
 # without and with the penalty
 .venv/bin/stablespike "${COMMON[@]}" --inits calibrated fluctuation --surrogate_slope 1 --out_dir runs/fashion_mlp_cure
+# spiking VGG (batch norm), depths 4 8 12 (seed 002's depth-to-stages mapping), 16 base channels
+VGG=(bench depth-scaling --dataset fashion_mnist --data_dir "$DATA" --model vgg --width 16
+     --train_subset 3000 --test_subset 1000 --depths 4 8 12 --seeds 0 1 2 --epochs 5 --T 4
+     --batch_size 64 --lyap_eps 0.01 --lyap_fraction 0.25 --jobs 2 --no-progress --resume)
+.venv/bin/stablespike "${VGG[@]}" --inits default --surrogate_slope 25 --out_dir runs/fashion_vgg_seed
+.venv/bin/stablespike "${VGG[@]}" --inits calibrated --surrogate_slope 1 --out_dir runs/fashion_vgg_cure
