@@ -215,3 +215,18 @@ def test_bad_input_names_the_model_or_layer():
         ss.FiringRateMonitor(net, nn.Linear)
     with pytest.raises(KeyError, match="not monitored"):
         ss.OutputMonitor(net)["7"]
+
+
+def test_a_plain_snntorch_model_does_not_import_spikingjelly_or_norse():
+    # the adapters of a framework join once the user's program has imported it: a model holding its
+    # neurons must have; importing them ourselves cost ~1.5 s and their deprecation warnings
+    import subprocess
+    import sys
+    code = ("import sys, torch, snntorch as snn\n"
+            "from stablespike import FiringRateMonitor\n"
+            "net = torch.nn.Sequential(torch.nn.Linear(4, 8), snn.Leaky(beta=0.9, init_hidden=True))\n"
+            "with FiringRateMonitor(net) as m:\n"
+            "    net(torch.rand(2, 4))\n"
+            "print(m.table()[0]['layer'], 'spikingjelly' in sys.modules, 'norse' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "False", "False"], out.stderr[-2000:]

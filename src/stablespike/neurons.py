@@ -28,6 +28,7 @@ stablespike's own models are built from snnTorch neurons and are found through t
 from __future__ import annotations
 
 import importlib
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -231,9 +232,14 @@ def _norse_adapter() -> Optional[NeuronAdapter]:
 
 
 def _optional(module_name: str):
+    """The framework's module, only if the user's program has imported the framework: a model
+    holding its neurons must have. Importing spikingjelly or norse ourselves would cost a plain
+    snnTorch user ~1.5 s and their deprecation warnings."""
+    if module_name.split(".")[0] not in sys.modules:
+        return None
     try:
         return importlib.import_module(module_name)
-    except Exception:  # not installed, or broken beside this torch: the adapter is simply absent
+    except Exception:  # broken beside this torch: the adapter is simply absent
         return None
 
 
@@ -241,7 +247,7 @@ class NeuronRegistry:
     """The adapters in use: the built-in frameworks that import, plus registered types."""
 
     def __init__(self):
-        self._builtin: Optional[List[NeuronAdapter]] = None
+        self._builtin: Dict[str, Optional[NeuronAdapter]] = {}  # framework -> adapter, once imported
         self._custom: Dict[type, NeuronAdapter] = {}
 
     def register(self, neuron_type: type, spikes: Optional[Callable] = None,
@@ -271,10 +277,10 @@ class NeuronRegistry:
         self._custom.pop(neuron_type, None)
 
     def adapters(self) -> List[NeuronAdapter]:
-        if self._builtin is None:  # import the optional frameworks once, on first use
-            found = (_snntorch_adapter(), _spikingjelly_adapter(), _norse_adapter())
-            self._builtin = [a for a in found if a is not None]
-        return list(self._custom.values()) + self._builtin
+        for framework, make in _FRAMEWORKS:  # a framework imported since the last call joins now
+            if framework not in self._builtin and framework in sys.modules:
+                self._builtin[framework] = make()
+        return list(self._custom.values()) + [a for a in self._builtin.values() if a is not None]
 
     def adapter_for(self, module: nn.Module) -> Optional[NeuronAdapter]:
         for adapter in self.adapters():
@@ -283,6 +289,8 @@ class NeuronRegistry:
         return None
 
 
+_FRAMEWORKS = (("snntorch", _snntorch_adapter), ("spikingjelly", _spikingjelly_adapter),
+               ("norse", _norse_adapter))
 DEFAULT_REGISTRY = NeuronRegistry()
 
 
