@@ -1,4 +1,5 @@
 """The fit loop: learns digits, resumes after an interruption, records divergence."""
+import math
 import json
 import os
 
@@ -209,3 +210,23 @@ def test_bad_config_fields_are_named_at_construction(field, value):
     with pytest.raises(ValueError) as err:
         TrainConfig(**{field: value})
     assert str(err.value).startswith(f"{field}: expected ") and repr(value) in str(err.value)
+
+
+def test_fit_trains_a_users_own_snntorch_model_with_the_lyapunov_penalty():
+    # snnTorch tutorial 5 as written, on digits; the user's forward gives logits (spike counts)
+    from stablespike.data import load_dataset
+    from user_models import snntorch_tutorial5
+    data = load_dataset("digits").subset(train=512, test=256, seed=0)
+    net = snntorch_tutorial5(num_inputs=64, num_hidden=64, num_outputs=10, num_steps=6, weight_gain=2.0)
+
+    def forward(model, x):  # x (B, 1, 8, 8) as the data set holds it
+        spk, _ = model(x.flatten(1))
+        return spk.sum(0)  # (B, 10) spike counts as logits
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=5e-3, lyapunov=True, lyap_eps=1e-2, lyap_fraction=0.25,
+                      progress=False)
+    result = fit(net, data, cfg, forward=forward)
+    assert result.status == "OK" and len(result.history) == 3
+    assert all(m.lyapunov is not None and math.isfinite(m.lyapunov) for m in result.history)
+    assert result.history[-1].test_acc > 0.3  # chance is 0.1
+    with pytest.raises(ValueError, match="forward: expected it to return logits"):
+        fit(net, data, TrainConfig(epochs=1, progress=False), forward=lambda m, x: m(x.flatten(1))[0])

@@ -26,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch.utils.data import DistributedSampler
 from .data import ENCODERS, Dataset, augment_cifar, encode
 from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main, check_batch_size,
                           current, data_parallel, mean_across_ranks, setup, sum_across_ranks)
-from .lyapunov import PENALTY_KINDS, LyapunovRegularizer
+from .lyapunov import PENALTY_KINDS, LyapunovRegularizer, finite_difference_lyapunov
 from .options import OptionError, check_device, check_integer, check_number, one_line
 from .runfiles import RunFileError, append_line, remove_leftovers, write_atomic
 from .stability import _condition, _gradient_spectra, _rank_tolerance, effective_condition, gradient_norm
@@ -249,17 +249,17 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
-             generator: Optional[torch.Generator] = None):
+             generator: Optional[torch.Generator] = None, forward: Optional[Callable] = None):
     """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode; ``generator`` draws a random
-    encoder's spikes. Under torchrun each rank evaluates its share and the totals are summed (a
-    collective: every rank calls it)."""
+    encoder's spikes; ``forward`` as in :func:`fit`. Under torchrun each rank evaluates its share
+    and the totals are summed (a collective: every rank calls it)."""
     model.eval()
     ranks = current(config.device)
     mine = torch.arange(len(x))[ranks.shard(len(x))]
     total_loss, correct = 0.0, 0
     for idx in _index_batches(mine, config.batch_size):
         xb, yb = x[idx].to(ranks.device), y[idx].to(ranks.device)
-        logits = model(model_input(model, xb, config, generator))[0]
+        logits = _logits(model, xb, forward) if forward else model(model_input(model, xb, config, generator))[0]
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     total_loss, correct = sum_across_ranks([total_loss, correct])
@@ -267,8 +267,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainCo
 
 
 def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[str] = None,
-        resume: bool = True, callbacks=()) -> RunResult:
+        resume: bool = True, callbacks=(), forward: Optional[Callable] = None) -> RunResult:
     """Train ``model`` on ``data``; see the module docstring. Returns the run's history and status.
+
+    ``forward(model, x) -> logits (B, classes)``: how to run your own model on a batch ``x`` as the
+    data set holds it (batch first, e.g. ``(B, C, H, W)``), your time loop included; with
+    ``config.lyapunov`` the penalty is estimated on it by
+    :func:`stablespike.lyapunov.finite_difference_lyapunov`. Without it, ``model`` is one of the
+    library's models (they encode their input with ``config.encoder`` over ``config.T`` steps).
 
     Under ``torchrun`` (more than one rank) the model is wrapped in DistributedDataParallel, each
     rank takes ``config.batch_size / world size`` samples per step from a DistributedSampler, the
@@ -277,6 +283,8 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward: expected a function (model, x) -> logits or None, got {forward!r}")
     ranks = setup(config.device)
     local_batch = check_batch_size(config.batch_size, ranks)
     model.to(ranks.device)
@@ -304,14 +312,16 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
         cb.on_train_begin(model)
     with torch.random.fork_rng(devices=_rng_devices(ranks.device)):
         for epoch in range(start, config.epochs + 1):
-            metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks)
+            metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks,
+                                   forward)
             if metrics is None:
                 result.status, result.diverged_epoch = "DIVERGED", epoch
                 log.warning("run diverged at epoch %d (non-finite loss)", epoch)
                 break
             average_buffers(model)  # every rank evaluates and saves the same model
             test_gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, ranks.rank, _TEST))
-            metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config, test_gen)
+            metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config, test_gen,
+                                                           forward)
             sched.step()
             metrics.lr = sched.get_last_lr()[0]
             result.history.append(metrics)
@@ -341,8 +351,34 @@ def _tensorboard(out_dir):
     return SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
 
+def _logits(net: nn.Module, x: torch.Tensor, forward: Callable) -> torch.Tensor:
+    """``forward(net, x)``, checked to be the logits ``(B, classes)`` of the batch."""
+    logits = forward(net, x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"forward: expected it to return logits (B, classes) = ({x.shape[0]}, ...) "
+                         f"for a batch of {x.shape[0]}, got {got}")
+    return logits
+
+
+def _step_outputs(model, net, xb, config: TrainConfig, gen, forward: Optional[Callable]):
+    """``(logits (B, classes), exponent or None)`` of one training batch. The library's models take
+    their encoded input and estimate the exponent themselves; with a user's ``forward``, one run of
+    the twin engine gives both (its ``outputs`` are the samples' own logits)."""
+    if forward is None:
+        kw = {"compute_lyapunov": True, "lyap_eps": config.lyap_eps,
+              "lyap_fraction": config.lyap_fraction} if config.lyapunov else {}
+        logits, lam, _ = net(model_input(model, xb, config, gen), **kw)
+        return logits, lam
+    if not config.lyapunov:
+        return _logits(net, xb, forward), None
+    res = finite_difference_lyapunov(net, xb, forward=lambda m, x: _logits(m, x, forward), batch_dim=0,
+                                     output_batch_dim=0, eps=config.lyap_eps, fraction=config.lyap_fraction)
+    return res.outputs, res.exponent
+
+
 def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
-                 callbacks) -> Optional[EpochMetrics]:
+                 callbacks, forward=None) -> Optional[EpochMetrics]:
     """One epoch; ``net`` is ``model`` or its DDP wrapper. None if the loss became non-finite."""
     model.train()
     t0, total_loss, correct, seen = time.time(), 0.0, 0, 0
@@ -360,9 +396,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
             xb = augment_cifar(xb, gen)
         xb, yb = xb.to(ranks.device), yb.to(ranks.device)
         opt.zero_grad(set_to_none=True)
-        kw = {"compute_lyapunov": True, "lyap_eps": config.lyap_eps,
-              "lyap_fraction": config.lyap_fraction} if config.lyapunov else {}
-        logits, lam, _ = net(model_input(model, xb, config, gen), **kw)
+        logits, lam = _step_outputs(model, net, xb, config, gen, forward)
         loss = F.cross_entropy(logits, yb)
         if lam is not None:
             lam = mean_across_ranks(lam)  # every rank's samples, as one process would see them
