@@ -23,3 +23,40 @@ def test_callback_logs_every_n_steps_and_cleans_up():
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
     with pytest.raises(ValueError, match="every"):
         DiagnosticsCallback(every=0)
+
+
+def test_tensorboard_shows_per_layer_rates_and_gradients_of_a_users_loop(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch import nn
+
+    import stablespike as ss
+
+    class AlwaysOn(nn.Module):  # a neuron type of the user's, registered: fires at every step
+        def forward(self, x):
+            return x - x.detach() + 1.0
+
+    class NeverOn(nn.Module):  # ... and one that never fires
+        def forward(self, x):
+            return x * 0.0
+
+    for kind in (AlwaysOn, NeverOn):
+        ss.register_neuron(kind)
+    try:
+        model = nn.Sequential(nn.Linear(4, 3), AlwaysOn(), nn.Linear(3, 2), NeverOn())
+        cb = ss.DiagnosticsCallback(every=2, sink=ss.TensorBoardSink(str(tmp_path)))
+        cb.on_train_begin(model)
+        for step in range(4):  # the user's own loop
+            loss = model(torch.rand(5, 4)).sum()
+            loss.backward()
+            cb.on_batch_end(step, model, loss)
+        cb.on_train_end()
+        cb.sink.close()
+    finally:
+        for kind in (AlwaysOn, NeverOn):
+            ss.neurons.DEFAULT_REGISTRY.unregister(kind)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    rate = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert rate["firing_rate/1"] == [(0, 1.0), (2, 1.0)]  # hand count: always on, never on
+    assert rate["firing_rate/3"] == [(0, 0.0), (2, 0.0)]
+    assert "grad_norm/1" in rate and "diagnostics/health_score" in rate and "diagnostics/loss" in rate

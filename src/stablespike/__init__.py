@@ -36,7 +36,7 @@ from .rules import Pathology, Severity, Thresholds
 from .profiler import LayerStats, ProfileReport, SpikeProfiler
 from .stability import (StabilityMetrics, StabilityMonitor, analyze_weight_spectrum,
                         compute_spectral_radius, effective_condition)
-from .callbacks import DiagnosticsCallback
+from .callbacks import DiagnosticsCallback, TensorBoardSink
 from .init import CalibrationReport, ThresholdBalancer, calibrate, fluctuation_init
 
 __version__ = "0.1.0"
@@ -55,6 +55,6 @@ __all__ = [
     "LayerGradNorms",
     "Pathology", "Severity", "Thresholds", "LayerStats", "ProfileReport", "SpikeProfiler",
     "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius",
-    "effective_condition", "DiagnosticsCallback", "CalibrationReport", "ThresholdBalancer",
+    "effective_condition", "DiagnosticsCallback", "TensorBoardSink", "CalibrationReport", "ThresholdBalancer",
     "calibrate", "fluctuation_init",
 ]

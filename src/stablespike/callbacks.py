@@ -44,17 +44,26 @@ class DiagnosticsCallback:
         self.stability = stability or StabilityMonitor()
         self.max_history = max_history
         self.history: List[Dict] = []
+        self.calls = 0  # on_batch_end calls over the whole run: the global step
 
     def on_train_begin(self, model: nn.Module) -> None:
         self.profiler.attach(model)
 
     def on_batch_end(self, step: int, model: nn.Module, loss=None, lyapunov=None) -> Optional[Dict]:
+        """At each ``step`` divisible by ``every`` a row: the stability metrics, the health score
+        and findings, and per layer (``layers``) the mean firing rate and the mean layer gradient
+        norm of the steps since the last row; ``global_step`` counts the calls over the whole run
+        (``step`` may restart each epoch)."""
+        self.calls += 1
         if step % self.every:
             return None
         metrics = self.stability.compute(model, lyapunov=lyapunov, compute_sv=self.compute_sv)
         report = self.profiler.report()
-        row = {"step": step, **metrics.to_dict(), "health_score": report.health_score,
-               "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies]}
+        row = {"step": step, "global_step": self.calls - 1, **metrics.to_dict(),
+               "health_score": report.health_score,
+               "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies],
+               "layers": {ls.name: {"firing_rate": float(ls.firing_rates.mean()), "grad_norm": ls.grad_norm_mean}
+                          for ls in report.layer_stats.values()}}
         if loss is not None:
             row["loss"] = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
         self.history = (self.history + [row])[-self.max_history:]
@@ -70,3 +79,35 @@ class DiagnosticsCallback:
 
     def on_train_end(self) -> None:
         self.profiler.detach()
+
+
+class TensorBoardSink:
+    """A ``sink`` for :class:`DiagnosticsCallback` that writes each row to TensorBoard at its
+    ``global_step``: every number of the row (``health_score``, ``grad_norm``, ``lyapunov``, ``loss``,
+    ...) under ``diagnostics/``, and per layer ``firing_rate/<layer>`` and ``grad_norm/<layer>``.
+
+    ``log_dir``: a directory for a new ``SummaryWriter``, or ``writer``: one you have.
+    """
+
+    def __init__(self, log_dir: Optional[str] = None, writer=None):
+        if (log_dir is None) == (writer is None):
+            raise ValueError(f"log_dir, writer: expected exactly one of them, got log_dir={log_dir!r}, "
+                             f"writer={writer!r}")
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            writer = SummaryWriter(log_dir)
+        self.writer = writer
+
+    def __call__(self, row: Dict) -> None:
+        step = row["global_step"]
+        for key, value in row.items():
+            if key not in ("step", "global_step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"diagnostics/{key}", value, step)
+        for layer, figures in row.get("layers", {}).items():
+            for name, value in figures.items():
+                if value is not None and value == value:  # NaN: not measured in this window
+                    self.writer.add_scalar(f"{name}/{layer}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
