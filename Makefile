@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	@# the peers' monitors are test oracles: spikingjelly and norse declare torchvision/torchaudio,
 	@# which would pull a CUDA torch, so they go in without dependencies, then what they import
 	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0 norse==1.1.0
-	$(PY) -m pip install -q loguru tensorboard nir nirtorch
+	$(PY) -m pip install -q loguru tensorboard nir nirtorch lightning
 	@touch $(STAMP)
 
 test: $(STAMP)
