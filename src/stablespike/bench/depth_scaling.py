@@ -167,7 +167,10 @@ def vgg_stages(depth: int):
     return (depth, 1) if depth <= 4 else (4, depth // 4)
 
 
-def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None) -> torch.nn.Module:
+def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None,
+                verbose: bool = True) -> torch.nn.Module:
+    """A fresh model of the sweep at ``depth``, initialized by ``init``; ``verbose`` logs a
+    calibration's table (the regularized twin of a run would print the same one again)."""
     init = init or cfg.inits[0]
     if cfg.model == "mlp":
         in_dim = 1 if cfg.train.encoder == "sequence" else int(torch.tensor(data.input_shape).prod())
@@ -186,7 +189,7 @@ def build_model(cfg: SweepConfig, depth: int, data, init: Optional[str] = None) 
         batch = model_input(model, data.x_train[:256], cfg.train)  # a fixed calibration batch
         report = (calibrate(model, batch, target_rate=cfg.target_rate) if init == "calibrated"
                   else fluctuation_init(model, batch, target_rate=cfg.target_rate))
-        log.info("%s init:\n%s", init, report)
+        log.log(logging.INFO if verbose else logging.DEBUG, "%s init, depth %d:\n%s", init, depth, report)
     return model
 
 
@@ -339,7 +342,7 @@ def run_one(cfg: SweepConfig, out_dir: str, key: RunKey, resume: bool = False, d
     """Train one run of the sweep and (on rank 0) write its record atomically; returns it."""
     data = data if data is not None else _dataset(cfg)
     torch.manual_seed(key.seed)
-    model = build_model(cfg, key.depth, data, key.init)
+    model = build_model(cfg, key.depth, data, key.init, verbose=key.method == METHODS[0])
     train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": key.seed, "lyapunov": key.method == "lyapunov"})
     result = fit(model, data, train_cfg, os.path.join(out_dir, "runs", key.name), resume=resume)
     record = {**result.to_dict(), "variant": key.variant, "method": key.method, "init": key.init,
