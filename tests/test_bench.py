@@ -184,3 +184,17 @@ def test_width_sets_the_vgg_channels_and_help_shows_every_default(capsys):
                   "(default: squared)", "(default: 0.0001)", "(default: runs/depth_scaling)",
                   "(default: 128 for the MLP, 64 for the VGG", "(default: all)"):
         assert shown in text, shown
+
+
+def test_the_penalty_verdict_weighs_each_depth_against_the_seed_spread():
+    from stablespike.bench.report import observations
+    rows = [{"depth": 2, "vanilla_acc": 0.82, "vanilla_acc_sd": 0.004, "lyapunov_acc": 0.80, "lyapunov_acc_sd": 0.005,
+             "vanilla_failed": 0, "lyapunov_failed": 0},
+            {"depth": 8, "vanilla_acc": 0.50, "vanilla_acc_sd": 0.05, "lyapunov_acc": 0.55, "lyapunov_acc_sd": 0.05,
+             "vanilla_failed": 0, "lyapunov_failed": 0},
+            {"depth": 32, "vanilla_acc": 0.10, "vanilla_acc_sd": 0.0, "lyapunov_acc": 0.30, "lyapunov_acc_sd": 0.0,
+             "vanilla_failed": 0, "lyapunov_failed": 0}]
+    verdict = observations(rows, ["vanilla", "lyapunov"])[-1]
+    # 0.02 lower beyond 2 x 0.0064; 0.05 higher within 2 x 0.071; 0.2 higher with no spread
+    assert verdict == ("lyapunov against vanilla: helps at depth 32 (+0.200); hurts at depth 2 (-0.020); "
+                       "no difference beyond the seed spread at depth 8 (+0.050)")

@@ -113,17 +113,26 @@ def observations(rows: List[dict], variants: List[str]) -> List[str]:
                 notes.append(f"Depth {r['depth']}: {r[f'{m}_failed']} {m} run(s) diverged")
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
-        plain = hi.get(f"{base}_acc", math.nan) - lo.get(f"{base}_acc", math.nan)
-        lyap = hi.get(f"{reg}_acc", math.nan) - lo.get(f"{reg}_acc", math.nan)
         for v in variants:
             notes.append(f"{v} {lo['depth']}→{hi['depth']} layers: {hi[v + '_acc'] - lo[v + '_acc']:+.3f} accuracy change")
-        if lyap > plain + 0.02:
-            notes.append("Lyapunov regularization scales better with depth here")
-        elif lyap > plain:
-            notes.append("Lyapunov shows a slight improvement in depth scaling (within 0.02)")
-        else:
-            notes.append("No benefit from Lyapunov regularization on this data set and depth range")
+    if base != reg:
+        notes.append(_penalty_verdict(rows, base, reg))
     return notes
+
+
+def _penalty_verdict(rows: List[dict], base: str, reg: str) -> str:
+    """Depth by depth, whether the regularized variant's accuracy differs from the plain one's by
+    more than twice their combined spread over seeds (and at least 0.01): helps, hurts, or neither."""
+    verdict = {"helps": [], "hurts": [], "no difference beyond the seed spread": []}
+    for r in rows:
+        diff = r.get(f"{reg}_acc", math.nan) - r.get(f"{base}_acc", math.nan)
+        if math.isnan(diff):
+            continue
+        noise = max(0.01, 2 * math.hypot(r.get(f"{base}_acc_sd", 0.0), r.get(f"{reg}_acc_sd", 0.0)))
+        kind = "helps" if diff > noise else "hurts" if diff < -noise else "no difference beyond the seed spread"
+        verdict[kind].append(f"{r['depth']} ({diff:+.3f})")
+    said = [f"{kind} at depth {', '.join(d)}" for kind, d in verdict.items() if d]
+    return f"{reg} against {base}: " + ("; ".join(said) if said else "no depth with both finished")
 
 
 # What to do about each finding of a failing run. Silence and vanishing gradients have a cure measured
