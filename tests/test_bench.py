@@ -111,7 +111,8 @@ def test_inits_side_by_side_with_the_profilers_verdict(tmp_path):
     assert "calibrated+lyapunov Acc" in text and "failing run vanilla depth 8" in text
     # the report says what to do for the silent deep run: the cure measured in this repository
     todo = [line for line in text.splitlines() if line.startswith("What to do for")]
-    assert any("vanilla d8 s0" in line and "--init calibrated --surrogate_slope 1" in line for line in todo)
+    assert any("vanilla at depth" in line and "8 (seed 0)" in line and "--init calibrated --surrogate_slope 1" in line
+               for line in todo)
     page = (tmp_path / "report.html").read_text()
     assert "<h2>What to do</h2>" in page and "<table>" in page
 

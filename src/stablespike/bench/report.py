@@ -181,8 +181,16 @@ def prescriptions(results: Dict, surrogate_slope: float, below: float = 0.2) -> 
         todo = [wake if PRESCRIPTIONS[c] == _WAKE else PRESCRIPTIONS[c]
                 for c in sorted(categories) if c in PRESCRIPTIONS]
         for what in dict.fromkeys(todo):
-            runs_for.setdefault(what, []).append(f"{variant} d{depth} s{seed}")
-    return [f"What to do for {', '.join(runs)}: {what}" for what, runs in runs_for.items()]
+            runs_for.setdefault(what, {}).setdefault(variant, {}).setdefault(depth, []).append(seed)
+    return [f"What to do for {_runs_text(runs)}: {what}" for what, runs in runs_for.items()]
+
+
+def _runs_text(runs: Dict[str, Dict[str, List[str]]]) -> str:
+    """``{variant: {depth: [seeds]}}`` as 'vanilla at depth 8 (seeds 0, 1), 16 (seed 2); ...'."""
+    def seeds(s):
+        return f"seed{'s' if len(s) > 1 else ''} {', '.join(s)}"
+    return "; ".join(f"{variant} at depth " + ", ".join(f"{d} ({seeds(s)})" for d, s in depths.items())
+                     for variant, depths in runs.items())
 
 
 def failing_verdicts(results: Dict, below: float = 0.2) -> List[str]:
