@@ -52,8 +52,8 @@ def test_a_killed_sweep_resumes_without_recomputing_or_corrupting(tmp_path, monk
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     real_build = ds.build_model
 
-    def build(cfg, depth, data, init=None):
-        model = real_build(cfg, depth, data, init)
+    def build(cfg, depth, data, init=None, **kw):
+        model = real_build(cfg, depth, data, init, **kw)
         if depth == 1:
             with torch.no_grad():
                 model.readout.weight.fill_(float("nan"))

@@ -74,7 +74,8 @@ def table_cells(rows: List[dict], variants: List[str]) -> Tuple[List[str], List[
     cells = []
     for r in rows:
         get = lambda k: r.get(k, math.nan)  # noqa: E731
-        pm = lambda v: _pm(get(f"{v}_acc"), get(f"{v}_acc_sd"), r.get(f"{v}_n", 0))  # noqa: E731
+        pm = lambda v: (_pm(get(f"{v}_acc"), get(f"{v}_acc_sd"), r.get(f"{v}_n", 0))  # noqa: E731
+                        if r.get(f"{v}_n", 0) or r.get(f"{v}_failed", 0) else "not run yet")
         cells.append([str(r["depth"]), pm(base), pm(reg), f"{get(f'{reg}_acc') - get(f'{base}_acc'):+.3f}",
                       f"{get(f'{reg}_lyap'):.3f}", f"{get(f'{base}_grad'):.2e}", f"{get(f'{reg}_grad'):.2e}",
                       f"{get(f'{base}_cond'):.1e}"] + [pm(v) for v in extra])
@@ -114,7 +115,9 @@ def observations(rows: List[dict], variants: List[str]) -> List[str]:
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         for v in variants:
-            notes.append(f"{v} {lo['depth']}→{hi['depth']} layers: {hi[v + '_acc'] - lo[v + '_acc']:+.3f} accuracy change")
+            change = hi[v + '_acc'] - lo[v + '_acc']
+            if not math.isnan(change):  # both depths finished
+                notes.append(f"{v} {lo['depth']}→{hi['depth']} layers: {change:+.3f} accuracy change")
     if base != reg:
         notes.append(_penalty_verdict(rows, base, reg))
     return notes
