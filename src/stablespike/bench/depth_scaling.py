@@ -402,8 +402,8 @@ def collect_results(cfg: SweepConfig, out_dir: str, write: bool = True) -> Dict:
         path = os.path.join(out_dir, name)
         if os.path.lexists(path) and not _same(_read_json(path, dict), made, levels):
             raise RunFileError(f"{path}: differs from the run files in {os.path.join(out_dir, 'runs')} it "
-                               f"is made from (edited by hand?); those are the source of truth: delete "
-                               f"{name} and it is made again from them")
+                               f"is made from (edited by hand, or a run file deleted to run it again?); "
+                               f"those are the source of truth: delete {name} and it is made again from them")
     if write:
         _write_json(seed_format, os.path.join(out_dir, "results.json"))
         _write_json(by_seed, os.path.join(out_dir, "results_seeds.json"))
