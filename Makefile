@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stablespike-installed
 TORCH_WHEEL := torch==2.13.0
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench docs docs-serve install clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else $(PYTHON) -m venv $(VENV); fi; }
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_WHEEL)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	@# the peers' monitors are test oracles: spikingjelly and norse declare torchvision/torchaudio,
 	@# which would pull a CUDA torch, so they go in without dependencies, then what they import
 	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0 norse==1.1.0
@@ -34,6 +34,13 @@ demo: $(STAMP)
 	@echo "--- the cure for the deep nets above: calibrated init + a wide surrogate (slope 1) ---"
 	$(VENV)/bin/stablespike bench depth-scaling --preset quick --depths 10 --seeds 0 --inits calibrated \
 	  --surrogate_slope 1 --jobs 2 --no-progress --out_dir runs/demo_cure
+
+# the documentation site into build/site; --strict: a broken link or a missing example fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 bench: $(STAMP)
 	$(PY) benchmarks/lyapunov_overhead.py
