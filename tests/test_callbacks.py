@@ -54,9 +54,15 @@ def test_tensorboard_shows_per_layer_rates_and_gradients_of_a_users_loop(tmp_pat
     finally:
         for kind in (AlwaysOn, NeverOn):
             ss.neurons.DEFAULT_REGISTRY.unregister(kind)
-    events = EventAccumulator(str(tmp_path))
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})  # 0: keep every step
     events.Reload()
     rate = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert rate["firing_rate/1"] == [(0, 1.0), (2, 1.0)]  # hand count: always on, never on
     assert rate["firing_rate/3"] == [(0, 0.0), (2, 0.0)]
     assert "grad_norm/1" in rate and "diagnostics/health_score" in rate and "diagnostics/loss" in rate
+    assert rate["dead_fraction/1"] == [(0, 0.0), (2, 0.0)] and rate["dead_fraction/3"] == [(0, 1.0), (2, 1.0)]
+    hist = {e.step: e.histogram_value for e in events.Histograms("rate_histogram/1")}
+    assert sorted(hist) == [0, 2]
+    assert hist[0].num == 3 and list(hist[0].bucket)[-1] == 3  # three neurons, all at rate 1
+    silent = events.Histograms("rate_histogram/3")[0].histogram_value
+    assert silent.num == 2 and list(silent.bucket)[0] == 2

@@ -8,13 +8,26 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 from torch import nn
 
 from .distributed import current
-from .profiler import SpikeProfiler
+from .profiler import LayerStats, SpikeProfiler
 from .stability import StabilityMonitor
 
 log = logging.getLogger(__name__)
+
+
+RATE_BINS = 20  # histogram bins of the per-neuron firing rates over [0, 1]
+
+
+def layer_row(ls: LayerStats) -> Dict:
+    """One layer's figures in a row: mean ``firing_rate``, ``dead_fraction`` (neurons that never
+    fired), mean ``grad_norm`` and ``rate_histogram``, the counts of neurons whose firing rate falls
+    in each of ``RATE_BINS`` equal bins of [0, 1] (a rate of exactly 1 counts in the last bin)."""
+    counts, _ = np.histogram(np.clip(ls.firing_rates, 0.0, 1.0), bins=RATE_BINS, range=(0.0, 1.0))
+    return {"firing_rate": float(ls.firing_rates.mean()), "dead_fraction": float(ls.dead_neuron_fraction),
+            "grad_norm": ls.grad_norm_mean, "rate_histogram": [int(c) for c in counts]}
 
 
 class DiagnosticsCallback:
@@ -62,8 +75,7 @@ class DiagnosticsCallback:
         row = {"step": step, "global_step": self.calls - 1, **metrics.to_dict(),
                "health_score": report.health_score,
                "findings": [f"{p.severity.value} {p.category} @ {p.layer}" for p in report.pathologies],
-               "layers": {ls.name: {"firing_rate": float(ls.firing_rates.mean()), "grad_norm": ls.grad_norm_mean}
-                          for ls in report.layer_stats.values()}}
+               "layers": {ls.name: layer_row(ls) for ls in report.layer_stats.values()}}
         if loss is not None:
             row["loss"] = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
         self.history = (self.history + [row])[-self.max_history:]
@@ -84,7 +96,8 @@ class DiagnosticsCallback:
 class TensorBoardSink:
     """A ``sink`` for :class:`DiagnosticsCallback` that writes each row to TensorBoard at its
     ``global_step``: every number of the row (``health_score``, ``grad_norm``, ``lyapunov``, ``loss``,
-    ...) under ``diagnostics/``, and per layer ``firing_rate/<layer>`` and ``grad_norm/<layer>``.
+    ...) under ``diagnostics/``; per layer the scalars ``firing_rate/<layer>``, ``dead_fraction/<layer>``
+    and ``grad_norm/<layer>`` and the histogram ``rate_histogram/<layer>`` of its neurons' firing rates.
 
     ``log_dir``: a directory for a new ``SummaryWriter``, or ``writer``: one you have.
     """
@@ -105,9 +118,25 @@ class TensorBoardSink:
                 self.writer.add_scalar(f"diagnostics/{key}", value, step)
         for layer, figures in row.get("layers", {}).items():
             for name, value in figures.items():
-                if value is not None and value == value:  # NaN: not measured in this window
+                if name == "rate_histogram":
+                    write_rate_histogram(self.writer, f"{name}/{layer}", value, step)
+                elif value is not None and value == value:  # NaN: not measured in this window
                     self.writer.add_scalar(f"{name}/{layer}", value, step)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def write_rate_histogram(writer, tag: str, counts: List[int], step: int) -> None:
+    """``counts`` (``RATE_BINS`` neuron counts over equal bins of [0, 1]) as a TensorBoard histogram;
+    each neuron is placed at its bin's centre for the min, max and moments TensorBoard shows."""
+    edges = np.linspace(0.0, 1.0, len(counts) + 1)
+    centres, n = (edges[:-1] + edges[1:]) / 2, np.asarray(counts, dtype=np.float64)
+    if n.sum() == 0:
+        return
+    filled = np.nonzero(n)[0]
+    writer.add_histogram_raw(tag, min=float(centres[filled[0]]), max=float(centres[filled[-1]]),
+                             num=int(n.sum()), sum=float((n * centres).sum()),
+                             sum_squares=float((n * centres ** 2).sum()), bucket_limits=edges[1:].tolist(),
+                             bucket_counts=n.tolist(), global_step=step)

@@ -47,6 +47,6 @@ class StableSpikeCallback(pl.Callback):
         flat = {f"diagnostics/{k}": float(v) for k, v in row.items()
                 if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for layer, figures in row.get("layers", {}).items():
-            flat.update({f"{name}/{layer}": float(v) for name, v in figures.items() if v is not None and v == v})
+            flat.update({f"{name}/{layer}": float(v) for name, v in figures.items() if isinstance(v, (int, float)) and v == v})
         for logger in self._trainer.loggers if self._trainer is not None else []:
             logger.log_metrics(flat, step=row["step"])
