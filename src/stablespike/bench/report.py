@@ -139,11 +139,11 @@ def _penalty_verdict(rows: List[dict], base: str, reg: str) -> str:
 
 
 # What to do about each finding of a failing run. Silence and vanishing gradients have a cure measured
-# in this repository (benchmarks/depth_scaling.md); the others carry the profiler's own advice.
+# in this repository (docs/studies/digits-mnist1d.md); the others carry the profiler's own advice.
 _WAKE = ("--init calibrated --surrogate_slope 1: every layer fires at --target_rate before training and "
          "the wide surrogate lets the gradient through (measured on digits, 14-layer spiking MLP, 3 "
          "seeds, 20 epochs: 0.102±0.001 with the seeds' settings, 0.935±0.008 with both; "
-         "benchmarks/depth_scaling.md)")
+         "docs/studies/digits-mnist1d.md)")
 PRESCRIPTIONS = {
     "dead_neurons": _WAKE, "silent_layer": _WAKE, "gradient_vanishing": _WAKE, "voltage_collapse": _WAKE,
     "saturated_neurons": "--init calibrated (every layer starts at --target_rate; not measured as a cure "
@@ -269,6 +269,10 @@ def plots(results: Dict, rows: List[dict]) -> Dict[str, bytes]:
     ax.set_xlabel("layer")
     ax.set_ylabel("firing rate (test)")
     ax.set_yscale("symlog", linthresh=1e-3)
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter
+    ax.yaxis.set_major_locator(FixedLocator([0, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1]))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_locator(FixedLocator([]))
     ax.set_title("per-layer firing rate after training", fontsize=10)
     _integer_ticks(ax)
     _legend_outside(ax)
@@ -318,7 +322,8 @@ def _headline(config: Dict) -> str:
     subsets = "".join(f", {part} subset {config[f'{part}_subset']}" for part in ("train", "test")
                       if config.get(f"{part}_subset"))
     return (f"Depth scaling on {config['dataset']}{subsets} with the spiking {config['model'].upper()} "
-            f"({size}, {steps}, {config['train']['epochs']} epochs, seeds {seeds}, "
+            f"({size}, {steps}, {config['train']['epochs']} epoch{'s' * (config['train']['epochs'] != 1)}, "
+            f"seed{'s' * (len(config['seeds']) != 1)} {seeds}, "
             f"reg {config['train']['reg_type']}, init {', '.join(config['inits'])}, "
             f"surrogate slope {config['surrogate_slope']:g})")
 
