@@ -273,6 +273,7 @@ def plots(results: Dict, rows: List[dict]) -> Dict[str, bytes]:
     ax.yaxis.set_major_locator(FixedLocator([0, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1]))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_locator(FixedLocator([]))
+    ax.set_ylim(0, 1)  # rates: the whole range, so every tick shows
     ax.set_title("per-layer firing rate after training", fontsize=10)
     _integer_ticks(ax)
     _legend_outside(ax)
