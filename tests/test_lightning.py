@@ -1,5 +1,11 @@
-"""The Lightning callback on a user's LightningModule: per-layer rates reach the trainer's logger."""
+"""The Lightning callback in a real ``lightning.Trainer`` on an snnTorch tutorial-style model: the
+logged per-layer rates equal a FiringRateMonitor's over the same training batches, the report
+files land in the log directory, and a 2-process DDP run logs the merged figures once."""
 import csv
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,53 +14,127 @@ from torch import nn
 import stablespike as ss
 
 pl = pytest.importorskip("lightning.pytorch")
+snn = pytest.importorskip("snntorch")
+from snntorch import utils  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EVERY, BATCH, T = 3, 32, 5
 
 
-class AlwaysOn(nn.Module):  # a registered neuron type of the user's: fires at every step
-    def forward(self, x):
-        return x - x.detach() + 1.0
+class DigitsSNN(pl.LightningModule):
+    """snnTorch's tutorial style: ``nn.Sequential`` of ``snn.Leaky(init_hidden=True)``, a time loop
+    with ``utils.reset``, cross-entropy on spike counts. ``reference`` is a FiringRateMonitor of
+    the test's own, enabled only inside ``training_step``; its per-batch mean rates go to ``seen``."""
 
-
-class NeverOn(nn.Module):
-    def forward(self, x):
-        return x * 0.0
-
-
-class Module(pl.LightningModule):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 3), AlwaysOn(), nn.Linear(3, 2), NeverOn(), nn.Linear(2, 2))
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), snn.Leaky(beta=0.9, init_hidden=True),
+                                 nn.Linear(32, 10), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+        self.reference = ss.FiringRateMonitor(self.net)
+        self.reference.disable()
+        self.seen = []  # per training batch: {layer: mean rate}
+
+    def forward(self, x):
+        utils.reset(self.net)
+        return torch.stack([self.net(x)[0] for _ in range(T)]).sum(0)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        return {"loss": loss, "lyapunov": torch.tensor(-0.1)}
+        self.reference.enable()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.reference.disable()
+        self.seen.append({k: float(v.mean()) for k, v in self.reference.rates().items()})
+        self.reference.reset()
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.Adam(self.parameters(), lr=2e-3)
 
 
-def test_lightning_callback_logs_per_layer_rates_through_the_trainers_logger(tmp_path):
+def loaders(n_train=8 * BATCH):
+    from stablespike.data import load_dataset
+    data = load_dataset("digits")
+    train = torch.utils.data.TensorDataset(data.x_train[:n_train], data.y_train[:n_train])
+    val = torch.utils.data.TensorDataset(data.x_test[:64], data.y_test[:64])
+    return (torch.utils.data.DataLoader(train, batch_size=BATCH),
+            torch.utils.data.DataLoader(val, batch_size=BATCH))
+
+
+def trainer_for(tmp_path, callback, **kw):
     from lightning.pytorch.loggers import CSVLogger
-    from stablespike.integrations.lightning import StableSpikeCallback
+    return pl.Trainer(max_epochs=2, logger=CSVLogger(str(tmp_path), name="run"), callbacks=[callback],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", log_every_n_steps=1, **kw)
 
-    for kind in (AlwaysOn, NeverOn):
-        ss.register_neuron(kind)
-    try:
-        data = torch.utils.data.TensorDataset(torch.rand(16, 4), torch.randint(0, 2, (16,)))
-        callback = StableSpikeCallback(every=2)
-        trainer = pl.Trainer(max_steps=4, logger=CSVLogger(str(tmp_path), name="run"), callbacks=[callback],
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             accelerator="cpu", log_every_n_steps=1)
-        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
-    finally:
-        for kind in (AlwaysOn, NeverOn):
-            ss.neurons.DEFAULT_REGISTRY.unregister(kind)
-    assert [row["step"] for row in callback.history] == [0, 2]
-    assert [row["layers"]["net.1"]["firing_rate"] for row in callback.history] == [1.0, 1.0]  # hand count
-    assert [row["layers"]["net.3"]["firing_rate"] for row in callback.history] == [0.0, 0.0]
-    assert callback.history[0]["lyapunov"] == pytest.approx(-0.1)
+
+def test_logged_rates_equal_a_firing_rate_monitor_over_the_same_training_batches(tmp_path):
+    from stablespike.integrations.lightning import DiagnosticsCallback
+    module, callback = DigitsSNN(), DiagnosticsCallback(every=EVERY, module="net")
+    train, val = loaders()
+    trainer = trainer_for(tmp_path, callback)
+    trainer.fit(module, train, val)
+
+    steps = [row["step"] for row in callback.history]
+    assert steps == list(range(0, 16, EVERY))  # 2 epochs x 8 batches; a row every 3rd step
+    assert len(module.seen) == 16  # the validation batches were not recorded by either
+    bounds = [-1] + steps
+    for row, lo, hi in zip(callback.history, bounds, bounds[1:]):
+        window = module.seen[lo + 1: hi + 1]  # the batches since the previous row
+        for layer in ("2", "4"):
+            expected = sum(b[layer] for b in window) / len(window)
+            assert row["layers"][layer]["firing_rate"] == pytest.approx(expected, abs=1e-6)
+    log_dir = tmp_path / "run" / "version_0"
+    with open(log_dir / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["firing_rate/2"]) for r in csv.DictReader(f) if r.get("firing_rate/2")}
+    assert logged == {row["step"]: pytest.approx(row["layers"]["2"]["firing_rate"]) for row in callback.history}
+    for epoch in (0, 1):
+        report = json.loads((log_dir / f"diagnostics_epoch{epoch}.json").read_text())
+        assert report["health_score"] >= 0 and (log_dir / f"diagnostics_epoch{epoch}.html").exists()
+    module.reference.close()  # the test's own monitor; the callback's hooks must be gone already
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in module.net.modules())
+
+
+def test_the_lyapunov_estimate_is_logged_and_leaves_training_as_it_was(tmp_path):
+    from stablespike.integrations.lightning import DiagnosticsCallback
+    train, val = loaders(n_train=4 * BATCH)
+
+    def forward(net, x):  # the user's time loop, as in the module
+        utils.reset(net)
+        return torch.stack([net(x)[0] for _ in range(T)]).sum(0)
+
+    weights = []
+    for lyap in (None, 2):
+        module = DigitsSNN()
+        callback = DiagnosticsCallback(every=2, module="net", lyapunov_every=lyap, forward=forward)
+        trainer_for(tmp_path / str(lyap), callback, max_steps=4).fit(module, train)
+        weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    assert torch.equal(weights[0], weights[1])  # the estimates changed nothing in training
+    with open(tmp_path / "2" / "run" / "version_0" / "metrics.csv") as f:
+        lyap = [float(r["diagnostics/lyapunov"]) for r in csv.DictReader(f) if r.get("diagnostics/lyapunov")]
+    assert len(lyap) == 2 and all(-5 < v < 5 for v in lyap)
+
+
+def test_bad_arguments_are_named():
+    from stablespike.integrations.lightning import DiagnosticsCallback
+    with pytest.raises(ValueError, match="every"):
+        DiagnosticsCallback(every=0)
+    with pytest.raises(ValueError, match="lyapunov_every"):
+        DiagnosticsCallback(lyapunov_every=-1)
+    with pytest.raises(TypeError, match="forward"):
+        DiagnosticsCallback(forward=3)
+
+
+def test_two_process_ddp_logs_the_rate_merged_over_both_ranks_once(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "lightning_ddp_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=240, cwd=HERE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
-        logged = [row for row in csv.DictReader(f) if row.get("firing_rate/net.1")]
-    assert [float(r["firing_rate/net.1"]) for r in logged] == [1.0, 1.0]
-    assert all(len(m._forward_hooks) == 0 for m in trainer.lightning_module.modules())  # detached
+        rows = [r for r in csv.DictReader(f) if r.get("firing_rate/1")]
+    assert [int(r["step"]) for r in rows] == [0, 2]  # each logged step once
+    # rank 0 loads inputs on which the unit fires at every step, rank 1 inputs on which it never does:
+    # the merged rate is their mean, a hand count (see the worker)
+    assert [float(r["firing_rate/1"]) for r in rows] == [0.5, 0.5]
+    assert [float(r["dead_fraction/1"]) for r in rows] == [0.0, 0.0]  # a unit fires on rank 0

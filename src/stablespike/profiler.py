@@ -21,6 +21,7 @@ gradients) that carried it.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -260,6 +261,30 @@ class SpikeProfiler:
     def reset(self) -> None:
         """Forget everything recorded (hooks stay attached)."""
         self._layers.clear()
+
+    def pause(self) -> None:
+        """Stop recording (e.g. during validation) until :meth:`resume`; hooks stay attached."""
+        for monitor in self._monitors:
+            monitor.disable()
+
+    def resume(self) -> None:
+        for monitor in self._monitors:
+            monitor.enable()
+
+    def absorb(self, other: "SpikeProfiler") -> None:
+        """Add the records of ``other`` (this process's, e.g. a logging window's) to this
+        profiler's, as steps that followed the ones recorded here: spike counts, membrane
+        moments, gradient norms and recorded steps add up; ``other`` is left as it was."""
+        if not isinstance(other, SpikeProfiler):
+            raise TypeError(f"other: expected a SpikeProfiler, got {type(other).__name__}")
+        other._flush_passes()
+        for name, rec in other._layers.items():
+            if name not in self._layers:
+                self._layers[name] = copy.deepcopy(rec)
+                continue
+            mine = self._layers[name]
+            steps = mine.voltage_steps + rec.voltage_steps
+            mine.merge(rec).voltage_steps = steps
 
     # --- reporting -------------------------------------------------------------------------------
     def report(self, sync: Optional[bool] = None) -> ProfileReport:

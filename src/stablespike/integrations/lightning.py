@@ -1,52 +1,202 @@
-"""stablespike's diagnostics inside a PyTorch Lightning run, as a Lightning ``Callback``.
+"""stablespike's diagnostics inside a PyTorch Lightning fit, as a Lightning ``Callback``.
 
-    from stablespike.integrations.lightning import StableSpikeCallback
-    trainer = lightning.Trainer(callbacks=[StableSpikeCallback(every=50)])
+    from stablespike.integrations.lightning import DiagnosticsCallback
+    trainer = lightning.Trainer(callbacks=[DiagnosticsCallback(every=50)], logger=...)
 
-The profiler is attached to the LightningModule for the whole fit (every spiking neuron the
-adapters find: snnTorch, spikingjelly, norse, registered types). After every ``every``-th training
-batch (its gradients still in place) a row of :class:`stablespike.DiagnosticsCallback` is made
-and sent to the trainer's loggers (TensorBoard, CSV, W&B, ...): ``diagnostics/<figure>`` and per
-layer ``firing_rate/<layer>`` and ``grad_norm/<layer>``. A ``training_step`` that returns a dict
-with ``"lyapunov"`` (e.g. ``finite_difference_lyapunov(...).exponent``) has it logged too.
+Needs the ``lightning`` package (``pip install stablespike[lightning]``); ``import stablespike``
+does not import it. What it does during ``trainer.fit``:
+
+* attaches a :class:`~stablespike.SpikeProfiler` to the LightningModule (or to its attribute
+  ``module``) at fit start and detaches it at fit end; every spiking neuron the adapters find is
+  recorded (snnTorch, spikingjelly, norse, registered types);
+* records the training batches only: recording is paused outside them (sanity check,
+  validation), so the figures describe what the optimizer sees;
+* every ``every``-th optimizer step, in ``on_before_optimizer_step`` (where Lightning documents the
+  gradients as unscaled), makes a row over the batches since the previous row and logs it through
+  every logger of the trainer at ``trainer.global_step``: per neuron layer ``firing_rate/<layer>``,
+  ``dead_fraction/<layer>`` (neurons that never fired), ``grad_norm/<layer>`` (the gradient
+  reaching the layer's input current, divided by the AMP loss scale when there is one), and
+  ``diagnostics/health_score``, ``diagnostics/grad_norm`` (all parameters),
+  ``diagnostics/mean_firing_rate``, ``diagnostics/findings`` (their number), ``diagnostics/loss``;
+  a TensorBoard logger also gets the histogram ``rate_histogram/<layer>`` of the layer's
+  per-neuron firing rates;
+* at each training epoch's end logs ``diagnostics/epoch_health_score`` and
+  ``diagnostics/epoch_findings`` over the whole epoch, logs each finding (Python ``logging``,
+  logger ``stablespike.integrations.lightning``) and writes the profiler's report as
+  ``diagnostics_epoch<N>.json`` and ``diagnostics_epoch<N>.html`` into ``trainer.log_dir``;
+* with ``lyapunov_every=k``, every k-th optimizer step estimates the network's finite-size
+  Lyapunov exponent on the step's batch (:func:`stablespike.finite_difference_lyapunov` through
+  ``forward``) and logs ``diagnostics/lyapunov``. The estimate runs without gradients, with the
+  profiler paused, the global random generator and every buffer (batch-norm running statistics,
+  neuron state) restored afterwards: training continues as if it had not run.
+
+Under DDP every figure is merged over all ranks (the profiler's records and the exponent), every
+rank takes part in the merge, and only rank 0 logs and writes files.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import logging
+import os
+from typing import Callable, Dict, List, Optional
 
 import lightning.pytorch as pl
+import torch
+from torch import nn
 
-from ..callbacks import DiagnosticsCallback
+from ..callbacks import layer_row, write_rate_histogram
+from ..distributed import current, mean_across_ranks
+from ..lyapunov import finite_difference_lyapunov
+from ..profiler import SpikeProfiler
+from ..stability import gradient_norm
+
+log = logging.getLogger(__name__)
 
 
-class StableSpikeCallback(pl.Callback):
-    """Runs :class:`stablespike.DiagnosticsCallback` in a Lightning fit; ``history`` holds its rows."""
+def _positive_int(value, name: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
-    def __init__(self, every: int = 50, compute_sv: bool = False):
-        self.diagnostics = DiagnosticsCallback(every=every, compute_sv=compute_sv, sink=self._log)
-        self._trainer: Optional[pl.Trainer] = None
 
-    @property
-    def history(self) -> List[Dict]:
-        return self.diagnostics.history
+class DiagnosticsCallback(pl.Callback):
+    """Per-layer firing rates, dead fractions, gradient norms, the health score, the verdict and
+    report files of a Lightning fit; see the module docstring.
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
-        self.diagnostics.on_train_begin(pl_module)
+    ``every``: optimizer steps per logged row. ``module``: the name of the LightningModule's
+    attribute holding the network (default: the whole LightningModule). ``lyapunov_every``:
+    optimizer steps per Lyapunov estimate (None: no estimate). ``forward(net, x)``: how the
+    network runs on the input ``x`` of a batch (the first element of a tuple/list batch; default
+    ``net(x)``), with ``batch_dim`` the dimension of ``x`` that indexes samples and ``lyap_eps`` the
+    perturbation size. ``profiler``: a configured :class:`SpikeProfiler` (e.g. other thresholds).
+    ``history`` keeps every row (dicts as :class:`stablespike.DiagnosticsCallback` makes them).
+    """
+
+    def __init__(self, every: int = 50, module: Optional[str] = None, lyapunov_every: Optional[int] = None,
+                 forward: Optional[Callable] = None, batch_dim: int = 0, lyap_eps: float = 1e-2,
+                 profiler: Optional[SpikeProfiler] = None):
+        self.every = _positive_int(every, "every")
+        self.lyapunov_every = _positive_int(lyapunov_every, "lyapunov_every", allow_none=True)
+        if module is not None and not isinstance(module, str):
+            raise TypeError(f"module: expected the name of an attribute of the LightningModule, got {module!r}")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward: expected a function (net, x) -> outputs or None, got {forward!r}")
+        if profiler is not None and not isinstance(profiler, SpikeProfiler):
+            raise TypeError(f"profiler: expected a SpikeProfiler or None, got {type(profiler).__name__}")
+        self.module, self.forward, self.batch_dim, self.lyap_eps = module, forward, batch_dim, lyap_eps
+        self.recorder = profiler or SpikeProfiler()  # the hooks; drained into the two below
+        self.since_row = SpikeProfiler(self.recorder.thresholds)  # the batches of the next row
+        self.this_epoch = SpikeProfiler(self.recorder.thresholds)  # the batches of this epoch
+        self.history: List[Dict] = []
+        self._net: Optional[nn.Module] = None
+        self._loss: Optional[float] = None
+
+    # --- recording only the training batches ------------------------------------------------------
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        net = pl_module if self.module is None else getattr(pl_module, self.module, None)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"module: expected the name of an nn.Module attribute of "
+                             f"{type(pl_module).__name__}, got {self.module!r}")
+        self._net = net
+        self.recorder.attach(net)
+        self.recorder.pause()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.recorder.resume()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        lyapunov = outputs.get("lyapunov") if isinstance(outputs, dict) else None
-        self.diagnostics.on_batch_end(trainer.global_step - 1, pl_module, loss, lyapunov)
+        self.recorder.pause()
+        step = trainer.global_step - 1  # the optimizer step this batch ended with
+        if self.lyapunov_every and step >= 0 and step % self.lyapunov_every == 0:
+            self._log(trainer, {"diagnostics/lyapunov": self._lyapunov(batch)}, step)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.diagnostics.on_train_end()
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._loss = float(loss.detach())
 
-    def _log(self, row: Dict) -> None:
-        """Numbers of ``row`` to every logger of the trainer, at the trainer's step."""
-        flat = {f"diagnostics/{k}": float(v) for k, v in row.items()
-                if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for layer, figures in row.get("layers", {}).items():
-            flat.update({f"{name}/{layer}": float(v) for name, v in figures.items() if isinstance(v, (int, float)) and v == v})
-        for logger in self._trainer.loggers if self._trainer is not None else []:
-            logger.log_metrics(flat, step=row["step"])
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.recorder.detach()
+
+    # --- rows -----------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step
+        if step % self.every:
+            return
+        self._drain()
+        report = self.since_row.report()  # merged over the ranks: a collective
+        self.since_row.reset()
+        scale = _loss_scale(trainer)
+        stats = list(report.layer_stats.values())
+        neurons = sum(ls.n_neurons for ls in stats)
+        row = {"step": step, "global_step": step, "grad_norm": gradient_norm(self._net),  # unscaled here
+               "mean_firing_rate": sum(float(ls.firing_rates.sum()) for ls in stats) / neurons if neurons else None,
+               "health_score": report.health_score,
+               "findings": len(report.pathologies), "loss": self._loss,
+               "layers": {ls.name: layer_row(ls) for ls in report.layer_stats.values()}}
+        for figures in row["layers"].values():
+            figures["grad_norm"] = figures["grad_norm"] / scale
+        self.history.append(row)
+        self._log(trainer, _flat(row), step, histograms=row["layers"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._drain()
+        report = self.this_epoch.report()  # a collective
+        self.this_epoch.reset()
+        self._log(trainer, {"diagnostics/epoch_health_score": report.health_score,
+                            "diagnostics/epoch_findings": float(len(report.pathologies))}, trainer.global_step)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
+        if not current().is_main:
+            return
+        epoch = trainer.current_epoch
+        log.info("epoch %d: health %.0f/100, %d finding(s)", epoch, report.health_score, len(report.pathologies))
+        for p in report.pathologies:
+            log.info("  [%s] %s @ %s: %s; fix: %s", p.severity.value, p.category, p.layer, p.message, p.suggestion)
+        os.makedirs(log_dir, exist_ok=True)
+        report.to_json(os.path.join(log_dir, f"diagnostics_epoch{epoch}.json"))
+        report.to_html(os.path.join(log_dir, f"diagnostics_epoch{epoch}.html"))
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """What the hooks recorded since the last drain, to the next row and to this epoch."""
+        self.since_row.absorb(self.recorder)
+        self.this_epoch.absorb(self.recorder)
+        self.recorder.reset()
+
+    def _lyapunov(self, batch) -> float:
+        """The finite-size exponent of the network on ``batch``'s input, merged over the ranks;
+        the random generator and every buffer are left as training had them."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        net = self._net
+        saved = {name: b.detach().clone() for name, b in net.named_buffers()}
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            res = finite_difference_lyapunov(net, x, forward=self.forward, batch_dim=self.batch_dim,
+                                             eps=self.lyap_eps)
+        buffers = dict(net.named_buffers())
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+        return float(mean_across_ranks(res.exponent.detach().reshape(())))
+
+    def _log(self, trainer, metrics: Dict[str, float], step: int, histograms: Optional[Dict] = None) -> None:
+        if not current().is_main:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if histograms and isinstance(logger, pl.loggers.TensorBoardLogger):
+                for layer, figures in histograms.items():
+                    write_rate_histogram(logger.experiment, f"rate_histogram/{layer}", figures["rate_histogram"], step)
+
+
+def _flat(row: Dict) -> Dict[str, float]:
+    """The numbers of a row as logger metrics: ``diagnostics/<name>`` and ``<figure>/<layer>``."""
+    out = {f"diagnostics/{k}": float(v) for k, v in row.items()
+           if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for layer, figures in row["layers"].items():
+        out.update({f"{name}/{layer}": float(v) for name, v in figures.items()
+                    if isinstance(v, (int, float)) and v == v})  # NaN: not measured in this window
+    return out
+
+
+def _loss_scale(trainer) -> float:
+    """The AMP loss scale the layer gradients were recorded at (1 without a grad scaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
