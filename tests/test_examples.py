@@ -74,3 +74,20 @@ def test_torchrun_example_trains_a_users_model_with_the_penalty_on_one_process(t
     with open(tmp_path / "metrics.jsonl") as f:
         assert len(f.readlines()) == 1
     assert re.search(r'"lyapunov": -?\d', out)
+
+
+def test_lightning_example_logs_rates_and_histograms_and_writes_the_report(tmp_path, capsys):
+    import pytest
+    pytest.importorskip("lightning.pytorch")
+    out = run_example("lightning_diagnostics", ["--fast", "--root", str(tmp_path)], capsys)
+    reports = re.findall(r"^report: (\S+)$", out, re.MULTILINE)
+    assert sorted(os.path.basename(p) for p in reports) == ["diagnostics_epoch0.html", "diagnostics_epoch0.json"]
+    assert all(os.path.getsize(p) > 100 for p in reports)
+    if "TensorBoardLogger" in out:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(re.search(r"^logs \(\w+\): (\S+)$", out, re.MULTILINE).group(1),
+                                  size_guidance={"histograms": 0})
+        events.Reload()
+        assert [e.step for e in events.Scalars("firing_rate/2")] == [0, 2]
+        assert [e.step for e in events.Histograms("rate_histogram/2")] == [0, 2]
+        assert events.Histograms("rate_histogram/2")[0].histogram_value.num == 64  # the layer's neurons
