@@ -38,6 +38,8 @@ from .stability import (StabilityMetrics, StabilityMonitor, analyze_weight_spect
                         compute_spectral_radius, effective_condition)
 from .callbacks import DiagnosticsCallback, TensorBoardSink
 from .init import CalibrationReport, ThresholdBalancer, calibrate, fluctuation_init
+from .data import load_dataset
+from .train import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -56,5 +58,5 @@ __all__ = [
     "Pathology", "Severity", "Thresholds", "LayerStats", "ProfileReport", "SpikeProfiler",
     "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius",
     "effective_condition", "DiagnosticsCallback", "TensorBoardSink", "CalibrationReport", "ThresholdBalancer",
-    "calibrate", "fluctuation_init",
+    "calibrate", "fluctuation_init", "load_dataset", "TrainConfig", "fit",
 ]

@@ -5,7 +5,11 @@ defaults), adds ``lambda_reg * penalty(lambda)`` when ``config.lyapunov``, measu
 (and gradient singular values every ``sv_every`` batches), evaluates every epoch, and with an
 ``out_dir`` writes a checkpoint after every epoch (``checkpoint.pt``, loaded with
 ``weights_only=True``), then that epoch's JSON line (``metrics.jsonl``), so that an interrupted
-run resumes where it stopped, and TensorBoard events when tensorboard is installed. A loss that
+run resumes where it stopped, and TensorBoard events when tensorboard is installed (in
+``out_dir/tensorboard``: the epoch's figures, and per neuron layer its firing rate, dead fraction,
+gradient norm and firing-rate histogram over the epoch's training batches, recorded by a
+:class:`~stablespike.SpikeProfiler`). ``fit(model, data, config, forward=..., loss=...)`` trains
+any module: your time loop and your loss. A loss that
 turns NaN/inf marks the run DIVERGED; the history so far is kept.
 
 Resumed runs equal uninterrupted ones: every random draw of a training step (encoders,
@@ -20,6 +24,7 @@ run are removed on resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +42,9 @@ from torch.utils.data import DistributedSampler
 from .data import ENCODERS, Dataset, augment_cifar, encode
 from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main, check_batch_size,
                           current, data_parallel, mean_across_ranks, setup, sum_across_ranks)
+from .callbacks import TensorBoardSink, layer_row
 from .lyapunov import PENALTY_KINDS, LyapunovRegularizer, finite_difference_lyapunov
+from .profiler import SpikeProfiler
 from .options import OptionError, check_device, check_integer, check_number, one_line
 from .runfiles import RunFileError, append_line, remove_leftovers, write_atomic
 from .stability import _condition, _gradient_spectra, _rank_tolerance, effective_condition, gradient_norm
@@ -249,32 +256,43 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
-             generator: Optional[torch.Generator] = None, forward: Optional[Callable] = None):
-    """(mean cross-entropy, accuracy) on ``(x, y)``, in eval mode; ``generator`` draws a random
-    encoder's spikes; ``forward`` as in :func:`fit`. Under torchrun each rank evaluates its share
-    and the totals are summed (a collective: every rank calls it)."""
+             generator: Optional[torch.Generator] = None, forward: Optional[Callable] = None,
+             loss: Optional[Callable] = None):
+    """(mean loss, accuracy) on ``(x, y)``, in eval mode; ``generator`` draws a random encoder's
+    spikes; ``forward`` and ``loss`` as in :func:`fit` (the accuracy is NaN when the outputs are
+    not logits or spike records). Under torchrun each rank evaluates its share and the totals are
+    summed (a collective: every rank calls it)."""
     model.eval()
     ranks = current(config.device)
     mine = torch.arange(len(x))[ranks.shard(len(x))]
     total_loss, correct = 0.0, 0
     for idx in _index_batches(mine, config.batch_size):
         xb, yb = x[idx].to(ranks.device), y[idx].to(ranks.device)
-        logits = _logits(model, xb, forward) if forward else model(model_input(model, xb, config, generator))[0]
-        total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+        outputs = (_outputs(model, xb, forward, loss) if forward
+                   else model(model_input(model, xb, config, generator))[0])
+        total_loss += float(_task_loss(outputs, yb, loss)) * len(idx)
+        correct += _correct(outputs, yb)
     total_loss, correct = sum_across_ranks([total_loss, correct])
     return total_loss / len(x), correct / len(x)
 
 
 def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[str] = None,
-        resume: bool = True, callbacks=(), forward: Optional[Callable] = None) -> RunResult:
+        resume: bool = True, callbacks=(), forward: Optional[Callable] = None,
+        loss: Optional[Callable] = None) -> RunResult:
     """Train ``model`` on ``data``; see the module docstring. Returns the run's history and status.
 
-    ``forward(model, x) -> logits (B, classes)``: how to run your own model on a batch ``x`` as the
-    data set holds it (batch first, e.g. ``(B, C, H, W)``), your time loop included; with
-    ``config.lyapunov`` the penalty is estimated on it by
-    :func:`stablespike.lyapunov.finite_difference_lyapunov`. Without it, ``model`` is one of the
-    library's models (they encode their input with ``config.encoder`` over ``config.T`` steps).
+    ``forward(model, x)``: how to run your own model on a batch ``x`` as the data set holds it
+    (batch first, e.g. ``(B, C, H, W)``), your time loop included; with ``config.lyapunov`` the
+    penalty is estimated on it by :func:`stablespike.lyapunov.finite_difference_lyapunov`.
+    Without it, ``model`` is one of the library's models (they encode their input with
+    ``config.encoder`` over ``config.T`` steps and return logits).
+
+    ``loss(outputs, y) -> scalar``: the batch-mean task loss of what ``forward`` returns (a tensor
+    or a tuple of tensors, e.g. snnTorch's ``(spk_rec, mem_rec)``) against the labels ``y (B,)``,
+    such as ``snntorch.functional.ce_rate_loss()``; default cross-entropy, which needs logits
+    ``(B, classes)``. The accuracy is read from the outputs: logits ``(B, classes)`` by their
+    largest entry, a time-first record ``(T, B, classes)`` (or the first of a tuple) by its sum
+    over time, the spike count; other outputs give an accuracy of NaN.
 
     Under ``torchrun`` (more than one rank) the model is wrapped in DistributedDataParallel, each
     rank takes ``config.batch_size / world size`` samples per step from a DistributedSampler, the
@@ -284,7 +302,9 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     if forward is not None and not callable(forward):
-        raise TypeError(f"forward: expected a function (model, x) -> logits or None, got {forward!r}")
+        raise TypeError(f"forward: expected a function (model, x) -> outputs or None, got {forward!r}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss: expected a function (outputs, y) -> scalar loss or None, got {loss!r}")
     ranks = setup(config.device)
     local_batch = check_batch_size(config.batch_size, ranks)
     model.to(ranks.device)
@@ -308,20 +328,24 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     if writes and (result.history or os.path.lexists(metrics_path)):
         _write_metrics(metrics_path, result.history)  # exactly the checkpoint's epochs, once each
     writer = _tensorboard(out_dir) if writes else None
+    # the per-layer figures TensorBoard shows; every rank records (the report is merged over ranks)
+    profiler = SpikeProfiler().attach(model) if out_dir and _tensorboard_installed() else None
     for cb in callbacks:
         cb.on_train_begin(model)
-    with torch.random.fork_rng(devices=_rng_devices(ranks.device)):
+    # the profiler's hooks go when the loop ends, even by an exception
+    with torch.random.fork_rng(devices=_rng_devices(ranks.device)), (profiler or contextlib.nullcontext()):
         for epoch in range(start, config.epochs + 1):
             metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks,
-                                   forward)
+                                   forward, loss)
             if metrics is None:
                 result.status, result.diverged_epoch = "DIVERGED", epoch
                 log.warning("run diverged at epoch %d (non-finite loss)", epoch)
                 break
             average_buffers(model)  # every rank evaluates and saves the same model
+            layers = _epoch_layers(profiler)  # the training batches' figures, before evaluation
             test_gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, ranks.rank, _TEST))
             metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config, test_gen,
-                                                           forward)
+                                                           forward, loss)
             sched.step()
             metrics.lr = sched.get_last_lr()[0]
             result.history.append(metrics)
@@ -334,11 +358,31 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
                 for key, value in asdict(metrics).items():
                     if isinstance(value, (int, float)) and key != "epoch":
                         writer.add_scalar(key, value, epoch)
+                TensorBoardSink(writer=writer)({"global_step": epoch, **layers})
+            if profiler is not None:
+                profiler.resume()
     for cb in callbacks:
         cb.on_train_end()
     if writer is not None:
         writer.close()
     return result
+
+
+def _epoch_layers(profiler: Optional[SpikeProfiler]) -> dict:
+    """``{"health_score", "layers": {layer: figures}}`` of the epoch's training batches (a
+    collective under torchrun); the profiler is reset, and paused until the next epoch."""
+    if profiler is None:
+        return {}
+    report = profiler.report()
+    profiler.reset()
+    profiler.pause()  # evaluation is not training
+    return {"health_score": report.health_score,
+            "layers": {ls.name: layer_row(ls) for ls in report.layer_stats.values()}}
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _tensorboard(out_dir):
@@ -361,24 +405,56 @@ def _logits(net: nn.Module, x: torch.Tensor, forward: Callable) -> torch.Tensor:
     return logits
 
 
-def _step_outputs(model, net, xb, config: TrainConfig, gen, forward: Optional[Callable]):
-    """``(logits (B, classes), exponent or None)`` of one training batch. The library's models take
-    their encoded input and estimate the exponent themselves; with a user's ``forward``, one run of
-    the twin engine gives both (its ``outputs`` are the samples' own logits)."""
+def _outputs(net: nn.Module, x: torch.Tensor, forward: Callable, loss: Optional[Callable]):
+    """``forward(net, x)``; checked to be logits when the default loss needs them."""
+    return _logits(net, x, forward) if loss is None else forward(net, x)
+
+
+def _task_loss(outputs, y: torch.Tensor, loss: Optional[Callable]) -> torch.Tensor:
+    """The batch-mean task loss: cross-entropy of logits, or the user's ``loss(outputs, y)``."""
+    if loss is None:
+        return F.cross_entropy(outputs, y)
+    value = loss(outputs, y)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"loss: expected it to return a scalar tensor (the batch mean), got {got}")
+    return value.reshape(())
+
+
+def _correct(outputs, y: torch.Tensor) -> float:
+    """How many of the batch's predictions are right; NaN if the outputs hold no prediction: logits
+    ``(B, classes)``, or a time-first record ``(T, B, classes)`` (the first of a tuple) summed over time."""
+    while isinstance(outputs, (tuple, list)) and outputs:
+        outputs = outputs[0]
+    if not isinstance(outputs, torch.Tensor):
+        return math.nan
+    if outputs.dim() == 3 and outputs.shape[1] == len(y):
+        outputs = outputs.sum(0)
+    if outputs.dim() != 2 or outputs.shape[0] != len(y):
+        return math.nan
+    return float((outputs.argmax(1) == y).sum())
+
+
+def _step_outputs(model, net, xb, config: TrainConfig, gen, forward: Optional[Callable], loss: Optional[Callable]):
+    """``(outputs, exponent or None)`` of one training batch. The library's models take their
+    encoded input and estimate the exponent themselves; with a user's ``forward``, one run of the
+    twin engine gives both (its ``outputs`` are the samples' own outputs)."""
     if forward is None:
         kw = {"compute_lyapunov": True, "lyap_eps": config.lyap_eps,
               "lyap_fraction": config.lyap_fraction} if config.lyapunov else {}
         logits, lam, _ = net(model_input(model, xb, config, gen), **kw)
         return logits, lam
     if not config.lyapunov:
-        return _logits(net, xb, forward), None
-    res = finite_difference_lyapunov(net, xb, forward=lambda m, x: _logits(m, x, forward), batch_dim=0,
-                                     output_batch_dim=0, eps=config.lyap_eps, fraction=config.lyap_fraction)
+        return _outputs(net, xb, forward, loss), None
+    # logits are batch-first; another output's sample dimension is the one of the extended batch's size
+    res = finite_difference_lyapunov(net, xb, forward=lambda m, x: _outputs(m, x, forward, loss), batch_dim=0,
+                                     output_batch_dim=0 if loss is None else None, eps=config.lyap_eps,
+                                     fraction=config.lyap_fraction)
     return res.outputs, res.exponent
 
 
 def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
-                 callbacks, forward=None) -> Optional[EpochMetrics]:
+                 callbacks, forward=None, task_loss=None) -> Optional[EpochMetrics]:
     """One epoch; ``net`` is ``model`` or its DDP wrapper. None if the loss became non-finite."""
     model.train()
     t0, total_loss, correct, seen = time.time(), 0.0, 0, 0
@@ -396,8 +472,8 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
             xb = augment_cifar(xb, gen)
         xb, yb = xb.to(ranks.device), yb.to(ranks.device)
         opt.zero_grad(set_to_none=True)
-        logits, lam = _step_outputs(model, net, xb, config, gen, forward)
-        loss = F.cross_entropy(logits, yb)
+        outputs, lam = _step_outputs(model, net, xb, config, gen, forward, task_loss)
+        loss = _task_loss(outputs, yb, task_loss)
         if lam is not None:
             lam = mean_across_ranks(lam)  # every rank's samples, as one process would see them
             loss = loss + reg(lam, epoch)
@@ -421,7 +497,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
         for cb in callbacks:
             cb.on_batch_end(i, model, loss, lam)
         total_loss += float(loss.detach()) * len(xb)
-        correct += int((logits.argmax(1) == yb).sum())
+        correct += _correct(outputs, yb)
         seen += len(xb)
     total_loss, correct, seen = sum_across_ranks([total_loss, correct, seen])
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
