@@ -33,3 +33,17 @@ def test_import_stablespike_loads_no_optional_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_training_defaults_estimate_without_the_float32_resolution_warning():
+    # the quick preset's widest model (10 x 128 LIF) with TrainConfig's default eps: make demo's case
+    import warnings
+
+    import torch
+
+    from stablespike import SpikingMLP, TrainConfig, fit, load_dataset
+    data = load_dataset("digits").subset(train=64, test=32)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*resolves at membrane scale")
+        fit(SpikingMLP(64, [128] * 10, 10), data, TrainConfig(epochs=1, batch_size=64, lyapunov=True, progress=False))
