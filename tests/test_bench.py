@@ -182,7 +182,7 @@ def test_width_sets_the_vgg_channels_and_help_shows_every_default(capsys):
         build_parser().parse_args(["bench", "depth-scaling", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 2 4;", "(default: 10;", "(default: 128;", "(default: 8;", "(default: 0.001)",
-                  "(default: squared)", "(default: 0.0001)", "(default: runs/depth_scaling)",
+                  "(default: squared)", "(default: 0.01)", "(default: runs/depth_scaling)",
                   "(default: 128 for the MLP, 64 for the VGG", "(default: all)"):
         assert shown in text, shown
 
