@@ -91,6 +91,7 @@ class DiagnosticsCallback(pl.Callback):
         self.history: List[Dict] = []
         self._net: Optional[nn.Module] = None
         self._loss: Optional[float] = None
+        self._lyapunov_step = -1  # the last optimizer step estimated
 
     # --- recording only the training batches ------------------------------------------------------
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -98,7 +99,9 @@ class DiagnosticsCallback(pl.Callback):
         if not isinstance(net, nn.Module):
             raise ValueError(f"module: expected the name of an nn.Module attribute of "
                              f"{type(pl_module).__name__}, got {self.module!r}")
-        self._net = net
+        self._net, self._lyapunov_step = net, -1
+        for profiler in (self.recorder, self.since_row, self.this_epoch):  # a callback used again
+            profiler.reset()
         self.recorder.attach(net)
         self.recorder.pause()
 
@@ -108,7 +111,9 @@ class DiagnosticsCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.recorder.pause()
         step = trainer.global_step - 1  # the optimizer step this batch ended with
-        if self.lyapunov_every and step >= 0 and step % self.lyapunov_every == 0:
+        if (self.lyapunov_every and step >= 0 and step % self.lyapunov_every == 0
+                and step != self._lyapunov_step):  # once per step, also when gradients accumulate
+            self._lyapunov_step = step
             self._log(trainer, {"diagnostics/lyapunov": self._lyapunov(batch)}, step)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
