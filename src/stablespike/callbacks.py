@@ -113,19 +113,27 @@ class TensorBoardSink:
 
     def __call__(self, row: Dict) -> None:
         step = row["global_step"]
-        for key, value in row.items():
-            if key not in ("step", "global_step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"diagnostics/{key}", value, step)
+        for tag, value in row_scalars(row).items():
+            self.writer.add_scalar(tag, value, step)
         for layer, figures in row.get("layers", {}).items():
-            for name, value in figures.items():
-                if name == "rate_histogram":
-                    write_rate_histogram(self.writer, f"{name}/{layer}", value, step)
-                elif value is not None and value == value:  # NaN: not measured in this window
-                    self.writer.add_scalar(f"{name}/{layer}", value, step)
+            if figures.get("rate_histogram"):
+                write_rate_histogram(self.writer, f"rate_histogram/{layer}", figures["rate_histogram"], step)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def row_scalars(row: Dict) -> Dict[str, float]:
+    """The numbers of a row by tag: ``diagnostics/<name>`` for the row's own, ``<figure>/<layer>``
+    per layer (``firing_rate``, ``dead_fraction``, ``grad_norm``); a figure not measured in the
+    window (None, NaN) is left out."""
+    tags = {f"diagnostics/{k}": float(v) for k, v in row.items()
+            if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for layer, figures in row.get("layers", {}).items():
+        tags.update({f"{name}/{layer}": float(v) for name, v in figures.items()
+                     if isinstance(v, (int, float)) and v == v})
+    return tags
 
 
 def write_rate_histogram(writer, tag: str, counts: List[int], step: int) -> None:

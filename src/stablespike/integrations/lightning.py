@@ -43,7 +43,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ..callbacks import layer_row, write_rate_histogram
+from ..callbacks import layer_row, row_scalars, write_rate_histogram
 from ..distributed import current, mean_across_ranks
 from ..lyapunov import finite_difference_lyapunov
 from ..profiler import SpikeProfiler
@@ -141,7 +141,7 @@ class DiagnosticsCallback(pl.Callback):
         for figures in row["layers"].values():
             figures["grad_norm"] = figures["grad_norm"] / scale
         self.history.append(row)
-        self._log(trainer, _flat(row), step, histograms=row["layers"])
+        self._log(trainer, row_scalars(row), step, histograms=row["layers"])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._drain()
@@ -187,18 +187,8 @@ class DiagnosticsCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if histograms and isinstance(logger, pl.loggers.TensorBoardLogger):
-                for layer, figures in histograms.items():
+                for layer, figures in histograms.items():  # rows of layer_row: always there
                     write_rate_histogram(logger.experiment, f"rate_histogram/{layer}", figures["rate_histogram"], step)
-
-
-def _flat(row: Dict) -> Dict[str, float]:
-    """The numbers of a row as logger metrics: ``diagnostics/<name>`` and ``<figure>/<layer>``."""
-    out = {f"diagnostics/{k}": float(v) for k, v in row.items()
-           if k not in ("step", "global_step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for layer, figures in row["layers"].items():
-        out.update({f"{name}/{layer}": float(v) for name, v in figures.items()
-                    if isinstance(v, (int, float)) and v == v})  # NaN: not measured in this window
-    return out
 
 
 def _loss_scale(trainer) -> float:
