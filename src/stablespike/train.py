@@ -5,12 +5,23 @@ defaults), adds ``lambda_reg * penalty(lambda)`` when ``config.lyapunov``, measu
 (and gradient singular values every ``sv_every`` batches), evaluates every epoch, and with an
 ``out_dir`` writes a checkpoint after every epoch (``checkpoint.pt``, loaded with
 ``weights_only=True``), then that epoch's JSON line (``metrics.jsonl``), so that an interrupted
-run resumes where it stopped, and TensorBoard events when tensorboard is installed (in
-``out_dir/tensorboard``: the epoch's figures, and per neuron layer its firing rate, dead fraction,
-gradient norm and firing-rate histogram over the epoch's training batches, recorded by a
-:class:`~stablespike.SpikeProfiler`). ``fit(model, data, config, forward=..., loss=...)`` trains
-any module: your time loop and your loss. A loss that
-turns NaN/inf marks the run DIVERGED; the history so far is kept.
+run resumes where it stopped.
+
+Any module trains: ``fit(model, data, config, forward=..., loss=...)`` runs your own time loop
+``forward(model, x)`` on each batch ``x`` as the data set holds it and your loss on what it
+returns (a tensor or a tuple, e.g. snnTorch's ``(spk_rec, mem_rec)``), with the penalty (one run
+of the twin engine per step gives your outputs and the exponent), checkpoints, resume, DDP and
+callbacks as for the library's own models. Without them, ``model`` is one of the library's models.
+
+TensorBoard (tensorboard installed, ``out_dir`` given; in ``out_dir/tensorboard``, one point per
+epoch): the epoch's figures (``train_loss``, ``test_acc``, ``lyapunov``, ``grad_norm``, ...) and,
+with ``config.diagnostics``, per neuron layer ``firing_rate/<layer>``, ``dead_fraction/<layer>``,
+``grad_norm/<layer>`` and the histogram ``rate_histogram/<layer>`` of its neurons' firing rates
+over the epoch's training batches (the samples' rows only: twin rows and evaluation are left out),
+recorded by a :class:`~stablespike.SpikeProfiler`. Under torchrun every rank records, the figures
+are merged over the ranks, rank 0 writes them.
+
+A loss that turns NaN/inf marks the run DIVERGED; the history so far is kept.
 
 Resumed runs equal uninterrupted ones: every random draw of a training step (encoders,
 augmentation, dropout masks, the Lyapunov perturbation directions and sub-batch rows) comes from
@@ -58,6 +69,12 @@ class TrainConfig:
     lambda_reg 0.3 toward lambda_target -0.1 — except eps: 1e-2, not the seed's 1e-4, which float32 twins
     cannot resolve once spread over a layer's membranes (the estimate would be quantized noise).
 
+    ``diagnostics``: with an ``out_dir`` and tensorboard installed, :func:`fit` attaches a
+    :class:`~stablespike.SpikeProfiler` to the training batches and writes each layer's firing
+    rate, dead fraction, gradient norm and firing-rate histogram to TensorBoard every epoch. Its
+    hooks run at every neuron call: on digits (CPU, 2 threads) an epoch took 1.14-1.25 x as long;
+    ``False`` leaves them out (the epoch scalars are still written).
+
     Every field is checked at construction (an :class:`OptionError` naming the field, the
     expected range and the value): nothing trains on a value that would train silently wrong
     (a NaN target, a negative clip that ascends the gradient, an eps of 0)."""
@@ -82,6 +99,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    diagnostics: bool = True  # per-layer TensorBoard figures (a profiler on the training batches)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "T", "sv_every"):
@@ -96,7 +114,7 @@ class TrainConfig:
         check_number(self.lyap_threshold, "lyap_threshold")
         check_number(self.lyap_eps, "lyap_eps", 0, low_open=True)
         check_number(self.lyap_fraction, "lyap_fraction", 0, 1, low_open=True)
-        for name in ("lyapunov", "augment", "progress"):
+        for name in ("lyapunov", "augment", "progress", "diagnostics"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise OptionError(name, f"expected True or False, got {getattr(self, name)!r}")
         if self.reg_type not in PENALTY_KINDS:
@@ -284,21 +302,33 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
 
     ``forward(model, x)``: how to run your own model on a batch ``x`` as the data set holds it
     (batch first, e.g. ``(B, C, H, W)``), your time loop included; with ``config.lyapunov`` the
-    penalty is estimated on it by :func:`stablespike.lyapunov.finite_difference_lyapunov`.
+    penalty is estimated on it by :func:`stablespike.lyapunov.finite_difference_lyapunov`, which
+    runs it once on the batch extended with twin rows and hands the loss the samples' own outputs.
     Without it, ``model`` is one of the library's models (they encode their input with
     ``config.encoder`` over ``config.T`` steps and return logits).
 
     ``loss(outputs, y) -> scalar``: the batch-mean task loss of what ``forward`` returns (a tensor
-    or a tuple of tensors, e.g. snnTorch's ``(spk_rec, mem_rec)``) against the labels ``y (B,)``,
-    such as ``snntorch.functional.ce_rate_loss()``; default cross-entropy, which needs logits
-    ``(B, classes)``. The accuracy is read from the outputs: logits ``(B, classes)`` by their
-    largest entry, a time-first record ``(T, B, classes)`` (or the first of a tuple) by its sum
-    over time, the spike count; other outputs give an accuracy of NaN.
+    or a tuple of tensors, e.g. snnTorch's ``(spk_rec, mem_rec)``, each ``(T, B, classes)``) against
+    the labels ``y (B,)``, such as ``snntorch.functional.ce_rate_loss()`` applied to ``outputs[0]``;
+    default cross-entropy, which needs ``forward`` to return logits ``(B, classes)``. Every output
+    must have one dimension of the samples (with the penalty, the one of the extended batch's size;
+    a ValueError names ``forward`` when none or, at every batch so far, several have it).
+
+    Accuracy (``train_acc``, ``test_acc``) is read from the outputs: logits ``(B, classes)`` by their
+    largest entry; a time-first record ``(T, B, classes)`` (or the first tensor of a tuple, as
+    snnTorch's spike record) by its sum over time, the spike count, ties going to the lower class;
+    any other output gives an accuracy of NaN (never a guess).
+
+    ``callbacks``: objects with ``on_train_begin(model)``, ``on_batch_end(step, model, loss,
+    lyapunov)`` (after ``backward``) and ``on_train_end()``, such as
+    :class:`~stablespike.callbacks.DiagnosticsCallback`.
 
     Under ``torchrun`` (more than one rank) the model is wrapped in DistributedDataParallel, each
     rank takes ``config.batch_size / world size`` samples per step from a DistributedSampler, the
-    Lyapunov estimate in the loss is the mean over all ranks' samples, and only rank 0 writes.
-    The global random generator is left as it was found (each step draws from its own seed).
+    Lyapunov estimate in the loss is the mean over all ranks' samples, and only rank 0 writes
+    (every rank must call ``fit`` with the same arguments: the per-layer figures are merged by a
+    collective). The global random generator is left as it was found (each step draws from its own
+    seed).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
@@ -330,7 +360,8 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
         _write_metrics(metrics_path, result.history)  # exactly the checkpoint's epochs, once each
     writer = _tensorboard(out_dir) if writes else None
     # the per-layer figures TensorBoard shows; every rank records (the report is merged over ranks)
-    profiler = SpikeProfiler().attach(model) if out_dir and _tensorboard_installed() else None
+    profiler = (SpikeProfiler().attach(model) if out_dir and config.diagnostics and _tensorboard_installed()
+                else None)
     for cb in callbacks:
         cb.on_train_begin(model)
     # the profiler's hooks go when the loop ends, even by an exception
@@ -436,10 +467,12 @@ def _correct(outputs, y: torch.Tensor) -> float:
     return float((outputs.argmax(1) == y).sum())
 
 
-def _step_outputs(model, net, xb, config: TrainConfig, gen, forward: Optional[Callable], loss: Optional[Callable]):
+def _step_outputs(model, net, xb, config: TrainConfig, gen, forward: Optional[Callable], loss: Optional[Callable],
+                  twin_forward: Optional["_SamplesFirst"] = None):
     """``(outputs, exponent or None)`` of one training batch. The library's models take their
     encoded input and estimate the exponent themselves; with a user's ``forward``, one run of the
-    twin engine gives both (its ``outputs`` are the samples' own outputs)."""
+    twin engine gives both (its ``outputs`` are the samples' own outputs). ``twin_forward``: the
+    user's forward wrapped for the twin engine (needed with the penalty and a user's ``loss``)."""
     if forward is None:
         kw = {"compute_lyapunov": True, "lyap_eps": config.lyap_eps,
               "lyap_fraction": config.lyap_fraction} if config.lyapunov else {}
@@ -447,11 +480,59 @@ def _step_outputs(model, net, xb, config: TrainConfig, gen, forward: Optional[Ca
         return logits, lam
     if not config.lyapunov:
         return _outputs(net, xb, forward, loss), None
-    # logits are batch-first; another output's sample dimension is the one of the extended batch's size
-    res = finite_difference_lyapunov(net, xb, forward=lambda m, x: _outputs(m, x, forward, loss), batch_dim=0,
-                                     output_batch_dim=0 if loss is None else None, eps=config.lyap_eps,
+    # the engine keeps the samples' rows along output_batch_dim: 0 for logits; any other output
+    # (a time-first spike record, a tuple) is run with its samples' dimension moved first
+    run = (lambda m, x: _logits(m, x, forward)) if loss is None else twin_forward
+    res = finite_difference_lyapunov(net, xb, forward=run, batch_dim=0, output_batch_dim=0, eps=config.lyap_eps,
                                      fraction=config.lyap_fraction)
-    return res.outputs, res.exponent
+    return (res.outputs if loss is None else twin_forward.restore(res.outputs)), res.exponent
+
+
+def _each_tensor(outputs, fn: Callable, counter: Optional[list] = None):
+    """``outputs`` (a tensor, or tuples / lists of them, other entries passed as they are) with
+    each tensor ``t`` replaced by ``fn(i, t)``, ``i`` counting the tensors in order."""
+    counter = [0] if counter is None else counter
+    if isinstance(outputs, torch.Tensor):
+        counter[0] += 1
+        return fn(counter[0] - 1, outputs)
+    if isinstance(outputs, (tuple, list)):
+        items = [_each_tensor(o, fn, counter) for o in outputs]
+        return type(outputs)(*items) if hasattr(outputs, "_fields") else type(outputs)(items)
+    return outputs
+
+
+class _SamplesFirst:
+    """A user's ``forward`` as the twin engine runs it: on the batch extended with twin rows
+    ``x (B + K, ...)``, each output tensor with its samples' dimension moved first; :meth:`restore`
+    moves it back in the engine's nominal outputs. That dimension is the one of size ``B + K``;
+    where several are (a time or class axis as long as the extended batch, say at a short last
+    batch), the one an earlier batch of the epoch showed: never a guess."""
+
+    def __init__(self, forward: Callable):
+        self.forward = forward
+        self.known: dict = {}  # output index -> its samples' dimension, from an unambiguous batch
+        self.moved: dict = {}  # the same for the last call
+
+    def __call__(self, model, x):
+        self.moved = {}
+        return _each_tensor(self.forward(model, x), lambda i, t: self._first(i, t, x.shape[0]))
+
+    def _first(self, i: int, t: torch.Tensor, total: int) -> torch.Tensor:
+        dims = [d for d in range(t.dim()) if t.shape[d] == total]
+        if len(dims) == 1:
+            self.known[i] = dims[0]
+        elif self.known.get(i) not in dims:
+            what = (f"several dimensions of size {total}, the batch with the twin rows the Lyapunov penalty "
+                    f"adds, and no earlier batch told which indexes the samples; choose another "
+                    f"config.batch_size or config.lyap_fraction" if dims else
+                    f"no dimension of size {total}, the batch with the twin rows the Lyapunov penalty adds; "
+                    f"expected the samples along one dimension of every output")
+            raise ValueError(f"forward: output {i} has shape {tuple(t.shape)}, with {what}")
+        self.moved[i] = self.known[i]
+        return t.movedim(self.known[i], 0)
+
+    def restore(self, outputs):
+        return _each_tensor(outputs, lambda i, t: t.movedim(0, self.moved[i]))
 
 
 def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
@@ -463,6 +544,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
     gen = _epoch_generator(config, epoch, ranks)
     order = _epoch_order(len(data.x_train), config, epoch, ranks)
     n_batches = math.ceil(len(order) / local_batch)
+    twin_forward = _SamplesFirst(forward) if forward is not None else None
     batches = _index_batches(order, local_batch)
     for i, idx in enumerate(_progress(batches, config.progress and ranks.is_main, f"epoch {epoch}", n_batches)):
         # dropout masks and the Lyapunov twins' directions and rows draw from the global
@@ -473,7 +555,7 @@ def _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch,
             xb = augment_cifar(xb, gen)
         xb, yb = xb.to(ranks.device), yb.to(ranks.device)
         opt.zero_grad(set_to_none=True)
-        outputs, lam = _step_outputs(model, net, xb, config, gen, forward, task_loss)
+        outputs, lam = _step_outputs(model, net, xb, config, gen, forward, task_loss, twin_forward)
         loss = _task_loss(outputs, yb, task_loss)
         if lam is not None:
             lam = mean_across_ranks(lam)  # every rank's samples, as one process would see them
