@@ -263,3 +263,31 @@ def test_an_extended_batch_no_batch_can_tell_apart_is_named():
     with pytest.raises(ValueError, match=r"forward: output 0 has shape \(10, 10, 10\), with several dimensions "
                                          r"of size 10.*config.batch_size or config.lyap_fraction"):
         fit(model, data, config(epochs=1, batch_size=8, lyapunov=True, lyap_fraction=0.25), forward=forward, loss=loss)
+
+
+def test_fit_trains_an_init_hidden_snntorch_sequential_with_the_penalty(digits):
+    """snnTorch tutorial 6/7's form: ``nn.Sequential`` of ``snn.Leaky(init_hidden=True)``, one call
+    per step after ``utils.reset(net)``, the output layer with ``output=True``."""
+    import snntorch as snn
+    from snntorch import utils
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), snn.Leaky(beta=0.9, init_hidden=True),
+                          nn.Linear(64, 10), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+
+    def forward_steps(net, x, num_steps=6):  # x (B, 1, 8, 8) -> (spk_rec, mem_rec), each (T, B, 10)
+        spk_rec, mem_rec = [], []
+        utils.reset(net)
+        for _ in range(num_steps):
+            spk_out, mem_out = net(x)
+            spk_rec.append(spk_out)
+            mem_rec.append(mem_out)
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+    result = fit(model, digits, config(lyapunov=True), forward=forward_steps, loss=loss)
+    assert result.status == "OK" and all(math.isfinite(m.lyapunov) for m in result.history)
+    assert result.history[-1].test_acc > 0.3  # chance is 0.1
+    with torch.no_grad():  # the class with the most output spikes, counted by hand
+        spikes, _ = forward_steps(model.eval(), digits.x_test)
+    assert result.history[-1].test_acc == pytest.approx(float((spikes.sum(0).argmax(1) == digits.y_test).float().mean()))

@@ -72,8 +72,10 @@ class TrainConfig:
     ``diagnostics``: with an ``out_dir`` and tensorboard installed, :func:`fit` attaches a
     :class:`~stablespike.SpikeProfiler` to the training batches and writes each layer's firing
     rate, dead fraction, gradient norm and firing-rate histogram to TensorBoard every epoch. Its
-    hooks run at every neuron call: on digits (CPU, 2 threads) an epoch took 1.14-1.25 x as long;
-    ``False`` leaves them out (the epoch scalars are still written).
+    hooks run at every neuron call: an epoch of digits on 2 CPU threads (a 4-layer SpikingMLP or
+    snnTorch's tutorial-5 network, with or without the penalty) took 1.15-1.25 x as long
+    (``benchmarks/fit_diagnostics_overhead.py``); ``False`` leaves them out (the epoch scalars are
+    still written).
 
     Every field is checked at construction (an :class:`OptionError` naming the field, the
     expected range and the value): nothing trains on a value that would train silently wrong
