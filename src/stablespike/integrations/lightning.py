@@ -23,12 +23,15 @@ does not import it. What it does during ``trainer.fit``:
 * at each training epoch's end logs ``diagnostics/epoch_health_score`` and
   ``diagnostics/epoch_findings`` over the whole epoch, logs each finding (Python ``logging``,
   logger ``stablespike.integrations.lightning``) and writes the profiler's report as
-  ``diagnostics_epoch<N>.json`` and ``diagnostics_epoch<N>.html`` into ``trainer.log_dir``;
+  ``diagnostics_epoch<N>.json`` and ``diagnostics_epoch<N>.html`` into ``trainer.log_dir``
+  (``trainer.default_root_dir`` without a logger); the epoch's report stays in ``epoch_report``;
 * with ``lyapunov_every=k``, every k-th optimizer step estimates the network's finite-size
   Lyapunov exponent on the step's batch (:func:`stablespike.finite_difference_lyapunov` through
   ``forward``) and logs ``diagnostics/lyapunov``. The estimate runs without gradients, with the
   profiler paused, the global random generator and every buffer (batch-norm running statistics,
   neuron state) restored afterwards: training continues as if it had not run.
+
+The hooks are removed at fit end, and also when the fit raises (``on_exception``).
 
 Under DDP every figure is merged over all ranks (the profiler's records and the exponent), every
 rank takes part in the merge, and only rank 0 logs and writes files.
@@ -36,6 +39,7 @@ rank takes part in the merge, and only rank 0 logs and writes files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -46,7 +50,7 @@ from torch import nn
 from ..callbacks import layer_row, row_scalars, write_rate_histogram
 from ..distributed import current, mean_across_ranks
 from ..lyapunov import finite_difference_lyapunov
-from ..profiler import SpikeProfiler
+from ..profiler import ProfileReport, SpikeProfiler
 from ..stability import gradient_norm
 
 log = logging.getLogger(__name__)
@@ -70,7 +74,9 @@ class DiagnosticsCallback(pl.Callback):
     network runs on the input ``x`` of a batch (the first element of a tuple/list batch; default
     ``net(x)``), with ``batch_dim`` the dimension of ``x`` that indexes samples and ``lyap_eps`` the
     perturbation size. ``profiler``: a configured :class:`SpikeProfiler` (e.g. other thresholds).
-    ``history`` keeps every row (dicts as :class:`stablespike.DiagnosticsCallback` makes them).
+    ``history`` keeps every row (dicts as :class:`stablespike.DiagnosticsCallback` makes them);
+    ``epoch_report`` is the last training epoch's :class:`~stablespike.ProfileReport` (merged over
+    the ranks), None before the first epoch ends.
     """
 
     def __init__(self, every: int = 50, module: Optional[str] = None, lyapunov_every: Optional[int] = None,
@@ -84,11 +90,18 @@ class DiagnosticsCallback(pl.Callback):
             raise TypeError(f"forward: expected a function (net, x) -> outputs or None, got {forward!r}")
         if profiler is not None and not isinstance(profiler, SpikeProfiler):
             raise TypeError(f"profiler: expected a SpikeProfiler or None, got {type(profiler).__name__}")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+            raise ValueError(f"batch_dim: expected the integer dimension of x that indexes samples, "
+                             f"got {batch_dim!r}")
+        if (isinstance(lyap_eps, bool) or not isinstance(lyap_eps, (int, float))
+                or not math.isfinite(lyap_eps) or lyap_eps <= 0):
+            raise ValueError(f"lyap_eps: expected a finite perturbation size > 0, got {lyap_eps!r}")
         self.module, self.forward, self.batch_dim, self.lyap_eps = module, forward, batch_dim, lyap_eps
         self.recorder = profiler or SpikeProfiler()  # the hooks; drained into the two below
         self.since_row = SpikeProfiler(self.recorder.thresholds)  # the batches of the next row
         self.this_epoch = SpikeProfiler(self.recorder.thresholds)  # the batches of this epoch
         self.history: List[Dict] = []
+        self.epoch_report: Optional[ProfileReport] = None
         self._net: Optional[nn.Module] = None
         self._loss: Optional[float] = None
         self._lyapunov_step = -1  # the last optimizer step estimated
@@ -99,7 +112,7 @@ class DiagnosticsCallback(pl.Callback):
         if not isinstance(net, nn.Module):
             raise ValueError(f"module: expected the name of an nn.Module attribute of "
                              f"{type(pl_module).__name__}, got {self.module!r}")
-        self._net, self._lyapunov_step = net, -1
+        self._net, self._lyapunov_step, self.epoch_report = net, -1, None
         for profiler in (self.recorder, self.since_row, self.this_epoch):  # a callback used again
             profiler.reset()
         self.recorder.attach(net)
@@ -121,6 +134,9 @@ class DiagnosticsCallback(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.recorder.detach()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.recorder.detach()  # a fit that raised (or was interrupted) leaves no hooks behind
 
     # --- rows -----------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -147,6 +163,7 @@ class DiagnosticsCallback(pl.Callback):
         self._drain()
         report = self.this_epoch.report()  # a collective
         self.this_epoch.reset()
+        self.epoch_report = report
         self._log(trainer, {"diagnostics/epoch_health_score": report.health_score,
                             "diagnostics/epoch_findings": float(len(report.pathologies))}, trainer.global_step)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
@@ -173,7 +190,8 @@ class DiagnosticsCallback(pl.Callback):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         net = self._net
         saved = {name: b.detach().clone() for name, b in net.named_buffers()}
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        devices = [x.device] if isinstance(x, torch.Tensor) and x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # dropout on a GPU draws there
             res = finite_difference_lyapunov(net, x, forward=self.forward, batch_dim=self.batch_dim,
                                              eps=self.lyap_eps)
         buffers = dict(net.named_buffers())
