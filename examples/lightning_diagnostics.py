@@ -11,8 +11,10 @@ bundled 8x8 digits (no download). The one stablespike line is the callback (``# 
 
 With TensorBoard installed the logs go to TensorBoard (scalars ``firing_rate/<layer>``,
 ``dead_fraction/<layer>``, ``grad_norm/<layer>``, ``diagnostics/*`` and the histograms
-``rate_histogram/<layer>``), else to a CSV file. After each epoch the profiler's report is written
-beside them as ``diagnostics_epoch<N>.json`` and ``.html``.
+``rate_histogram/<layer>``), else to a CSV file. After each epoch the callback logs its verdict
+and findings (Python ``logging``, shown here by ``logging.basicConfig``) and writes the profiler's
+report beside the logs as ``diagnostics_epoch<N>.json`` and ``.html``. At the end the script
+prints where the logs and reports went and the last epoch's verdict.
 """
 from __future__ import annotations
 
@@ -80,14 +82,21 @@ def main(argv=None) -> None:
                                         batch_size=64, shuffle=True)
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=256)
     logger = logger_for(args.root)
+    diagnostics = DiagnosticsCallback(every=2 if args.fast else 10, module="net")  # stablespike
     trainer = pl.Trainer(max_epochs=1 if args.fast else args.epochs, max_steps=4 if args.fast else -1,
                          logger=logger, accelerator="cpu", enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=5,
-                         callbacks=[DiagnosticsCallback(every=2 if args.fast else 10, module="net")])  # stablespike
+                         callbacks=[diagnostics])
     trainer.fit(DigitsSNN(), train, val)
+
     print(f"logs ({type(logger).__name__}): {logger.log_dir}")
     for path in sorted(glob.glob(os.path.join(logger.log_dir, "diagnostics_epoch*"))):
         print(f"report: {path}")
+    report = diagnostics.epoch_report  # the last epoch's, as in its report files
+    print(f"verdict of the last epoch: health {report.health_score:.0f}/100, "
+          f"{len(report.pathologies)} finding(s) (logged above, and in its report)")
+    if isinstance(logger, pl.loggers.TensorBoardLogger):
+        print(f"view: tensorboard --logdir {args.root}")
 
 
 if __name__ == "__main__":
