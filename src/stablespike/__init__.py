@@ -39,7 +39,7 @@ from .stability import (StabilityMetrics, StabilityMonitor, analyze_weight_spect
 from .callbacks import DiagnosticsCallback, TensorBoardSink
 from .init import CalibrationReport, ThresholdBalancer, calibrate, fluctuation_init
 from .data import load_dataset
-from .train import TrainConfig, fit
+from .train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
@@ -58,5 +58,5 @@ __all__ = [
     "Pathology", "Severity", "Thresholds", "LayerStats", "ProfileReport", "SpikeProfiler",
     "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius",
     "effective_condition", "DiagnosticsCallback", "TensorBoardSink", "CalibrationReport", "ThresholdBalancer",
-    "calibrate", "fluctuation_init", "load_dataset", "TrainConfig", "fit",
+    "calibrate", "fluctuation_init", "load_dataset", "TrainConfig", "fit", "evaluate",
 ]

@@ -43,7 +43,8 @@ class _DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+        # identity, not ==: a default of 0 (--warmup_epochs) equals False but is worth showing
+        if "(default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -91,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks of the science").add_subparsers(dest="bench", required=True)
     d = bench.add_parser("depth-scaling", help="seed 002: depths x {vanilla, lyapunov} x seeds",
                          formatter_class=_DefaultsShown)
-    d.add_argument("--preset", choices=sorted(PRESETS), help="quick: digits on a CPU; paper: CIFAR-100 on a GPU")
+    d.add_argument("--preset", choices=sorted(PRESETS), help="quick: digits on a CPU; paper: CIFAR-100 on a GPU (default: none, the defaults below)")
     d.add_argument("--dataset", choices=DATASETS, help=_preset_default("dataset"))
     d.add_argument("--model", choices=("mlp", "vgg"), help=_preset_default("model"))
     d.add_argument("--depths", type=_positive_int, nargs="+", help=_preset_default("depths"))
     d.add_argument("--seeds", type=int, nargs="+", help=_preset_default("seeds"))
-    d.add_argument("--seed", type=int, help="a single seed (seed 002's flag); --seeds takes several")
+    d.add_argument("--seed", type=int, help="a single seed (seed 002's flag); --seeds takes several (default: none, --seeds applies)")
     d.add_argument("--width", type=_positive_int,
                    help="units per MLP layer, or the VGG's base channels (doubled each stage) "
                         "(default: 128 for the MLP, 64 for the VGG; --preset quick: 128)")
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrated: every layer fires at --target_rate before training")
     d.add_argument("--inits", nargs="+", choices=("default", "stable", "calibrated", "fluctuation"),
                    help="several inits side by side, e.g. --inits default calibrated: vanilla, lyapunov, "
-                        "calibrated, calibrated+lyapunov in one report")
+                        "calibrated, calibrated+lyapunov in one report (default: --init alone)")
     d.add_argument("--target_rate", type=_finite, default=0.1, help="firing rate of calibrated inits")
     d.add_argument("--surrogate_slope", type=_finite, default=25.0,
                    help="fast-sigmoid surrogate slope (seed: 25); 1-2 lets gradients through deep nets")
