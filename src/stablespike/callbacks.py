@@ -22,10 +22,13 @@ RATE_BINS = 20  # histogram bins of the per-neuron firing rates over [0, 1]
 
 
 def layer_row(ls: LayerStats) -> Dict:
-    """One layer's figures in a row: mean ``firing_rate``, ``dead_fraction`` (neurons that never
-    fired), mean ``grad_norm`` and ``rate_histogram``, the counts of neurons whose firing rate falls
-    in each of ``RATE_BINS`` equal bins of [0, 1] (a rate of exactly 1 counts in the last bin)."""
-    counts, _ = np.histogram(np.clip(ls.firing_rates, 0.0, 1.0), bins=RATE_BINS, range=(0.0, 1.0))
+    """One layer's figures in a row: mean ``firing_rate``, ``dead_fraction`` (neurons below the
+    profiler's dead rate, ``Thresholds.dead_rate``), mean ``grad_norm`` and ``rate_histogram``, the
+    counts of neurons whose firing rate falls in each of ``RATE_BINS`` equal bins ``[j/20, (j+1)/20)``
+    of [0, 1] (a rate of exactly 1 counts in the last bin)."""
+    # a rate k/n on an edge j/20 belongs to bin j: the tolerance absorbs k/n's rounding below j/20
+    bins = np.floor(np.clip(ls.firing_rates, 0.0, 1.0) * RATE_BINS + 1e-9).astype(np.int64)
+    counts = np.bincount(np.minimum(bins, RATE_BINS - 1), minlength=RATE_BINS)
     return {"firing_rate": float(ls.firing_rates.mean()), "dead_fraction": float(ls.dead_neuron_fraction),
             "grad_norm": ls.grad_norm_mean, "rate_histogram": [int(c) for c in counts]}
 
