@@ -122,7 +122,8 @@ class SweepConfig:
 
 
 # Options that do not change what a run computes: a sweep may be resumed with other values.
-_NOT_DEFINING = {"data_dir", "stable_init", "init", "train.progress", "train.device", "train.seed"}
+_NOT_DEFINING = {"data_dir", "stable_init", "init", "train.progress", "train.device", "train.seed",
+                 "train.diagnostics"}
 
 
 def _defining(config: Dict) -> Dict:
