@@ -82,7 +82,12 @@ def test_lightning_example_logs_rates_and_histograms_and_writes_the_report(tmp_p
     out = run_example("lightning_diagnostics", ["--fast", "--root", str(tmp_path)], capsys)
     reports = re.findall(r"^report: (\S+)$", out, re.MULTILINE)
     assert sorted(os.path.basename(p) for p in reports) == ["diagnostics_epoch0.html", "diagnostics_epoch0.json"]
-    assert all(os.path.getsize(p) > 100 for p in reports)
+    assert all(os.path.getsize(p) > 100 and str(tmp_path) in p for p in reports)
+    verdict = re.search(r"^verdict of the last epoch: health (\d+)/100, (\d+) finding", out, re.MULTILINE)
+    import json
+    with open(next(p for p in reports if p.endswith(".json"))) as f:
+        report = json.load(f)  # the printed verdict is the report file's
+    assert (int(verdict.group(1)), int(verdict.group(2))) == (round(report["health_score"]), len(report["pathologies"]))
     if "TensorBoardLogger" in out:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         events = EventAccumulator(re.search(r"^logs \(\w+\): (\S+)$", out, re.MULTILINE).group(1),
