@@ -63,3 +63,25 @@ def test_saturated_twins_warn_and_a_resolved_run_does_not():
         LogisticMap(), x, eps=1e-9, renorm_every=10))
     assert float(resolved) == pytest.approx(math.log(2), abs=0.01)
     assert messages == []
+
+
+def test_an_explicit_eps_float32_cannot_resolve_warns_and_is_really_quantized():
+    # snnTorch tutorial 5, 1000 + 5 membranes per sample, a threshold nothing reaches: no spike, so a
+    # perturbation decays by beta each step and the exponent is ln(0.9) exactly. 1e-4 spread over
+    # 1005 membranes is 3.2e-6 per value, a few float32 ulps of a membrane of order 1 (its error here:
+    # 1e-3; at 1e-2, 7e-6; float64 twins, 3e-8).
+    net = snntorch_tutorial5(num_hidden=1000, threshold=1e9)
+    x = torch.rand(8, 20, generator=torch.Generator().manual_seed(0))
+
+    def estimate(eps, twin_dtype=None):
+        return _runtime_warnings(lambda: finite_difference_lyapunov(
+            net, x, batch_dim=0, eps=eps, twin_dtype=twin_dtype, generator=torch.Generator().manual_seed(0)))
+
+    quantized, messages = estimate(1e-4)
+    assert any("eps=0.0001" in m and "below what torch.float32 resolves" in m and "float64" in m
+               for m in messages)
+    assert float((quantized.per_sample.detach() - math.log(0.9)).abs().max()) > 1e-5
+    for eps, twin_dtype, tolerance in ((1e-2, None, 5e-5), (1e-4, torch.float64, 1e-6)):
+        resolved, messages = estimate(eps, twin_dtype)
+        assert not [m for m in messages if "resolves" in m], (eps, twin_dtype, messages)
+        assert float((resolved.per_sample.detach() - math.log(0.9)).abs().max()) < tolerance, (eps, twin_dtype)
