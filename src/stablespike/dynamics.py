@@ -99,8 +99,8 @@ def unroll(stepper, x: torch.Tensor, state: Optional[State] = None, *,
         raise ValueError(f"state: expected tensors with {x.shape[1]} rows (x.shape[1]), got "
                          f"{[describe(s) for s in state]}")
     outputs, states = [], [] if record_states else None
-    for t in range(x.shape[0]):
-        out_t, state = stepper.step(x[t], state)
+    for t, x_t in enumerate(x.unbind(0)):  # unbind: one gradient node, not a zero tensor per step
+        out_t, state = stepper.step(x_t, state)
         state = tuple(state)
         if on_step is not None:
             new_state = on_step(t, out_t, state)

@@ -257,7 +257,9 @@ def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
             module.v_seq = None  # collected afresh for this sequence, as a multi-step call does
         state = args[0] if args else kwargs.get("state")  # norse: (input, state=None)
         outputs = []
-        for t in range(x_seq.shape[0]):
+        # unbind, not x_seq[t]: the gradient of each indexing is a zero tensor of the whole
+        # sequence (a third of a regularized multi-step CSNN step's extra time)
+        for x_t in x_seq.unbind(0):
             if n.group is not None and n.calls > 0:
                 run.prepare(n)
                 if adapter.step_state is not None:
@@ -266,7 +268,7 @@ def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
                     if id(s) in n.required and adapter.step_state is None:
                         setattr(module, name, n.required[id(s)])
                 n.required, n.optional = {}, {}
-            x_t = run.step_input(n, x_seq[t])
+            x_t = run.step_input(n, x_t)
             if adapter.step_state is not None:
                 y, state = adapter.step_state(module, x_t, state)
                 run.record(n, (y, state))

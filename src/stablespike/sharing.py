@@ -114,35 +114,49 @@ class _SharedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks, weight, bias, batch: int, eps: float):
-        nominal = blocks[:, :batch]
-        dims = [0, 1] + list(range(3, blocks.dim()))
-        mean = nominal.mean(dim=dims)
-        shape = (1, 1, -1) + (1,) * (blocks.dim() - 3)
-        var = (nominal - mean.view(shape)).square().mean(dim=dims)
+        var, mean = _channel_stats(blocks[:, :batch])
+        invstd = torch.rsqrt(var + eps)
         y = torch.nn.functional.batch_norm(blocks.flatten(0, 1), mean, var, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(blocks, weight, mean, torch.rsqrt(var + eps))
-        ctx.batch = batch
+        ctx.save_for_backward(blocks, weight, mean, var, invstd)
+        ctx.batch, ctx.eps = batch, eps
         ctx.mark_non_differentiable(mean, var)
         return y.view_as(blocks), mean, var
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
-        blocks, weight, mean, invstd = ctx.saved_tensors
+        blocks, weight, mean, var, invstd = ctx.saved_tensors
         batch = ctx.batch
-        shape = (1, 1, -1) + (1,) * (blocks.dim() - 3)
-        dims = [0, 1] + list(range(3, blocks.dim()))
-        xhat = (blocks - mean.view(shape)) * invstd.view(shape)
-        g_b = grad.sum(dim=dims)  # (C,)
-        g_w = (grad * xhat).sum(dim=dims)
-        w = torch.ones_like(invstd) if weight is None else weight
-        g_x = grad * (w * invstd).view(shape)  # a new tensor: its sample rows are corrected in place
-        # the statistics come from the samples: d mean / dx = 1/n, d invstd / dx = -invstd^2 xhat / n
+        # as if the statistics were constants: aten's batch-norm backward in evaluation mode
+        # gives grad * weight * invstd, sum(grad * xhat) and sum(grad) in one fused pass
+        g_x, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+            grad.flatten(0, 1), blocks.flatten(0, 1), weight, mean, var, None, None, False, ctx.eps,
+            [True, True, True])
+        g_x = g_x.view_as(blocks)
+        # the statistics come from the samples: d mean / dx = 1/n, d invstd / dx = -invstd^2 xhat / n,
+        # so each sample row gets -(g_b w + xhat g_w w) invstd / n, affine in x: x * a + c
         n = blocks[:, :batch].numel() // blocks.shape[2]
-        through_mean, through_std = g_b * w, g_w * w
-        g_x[:, :batch] -= (through_mean.view(shape) + xhat[:, :batch] * through_std.view(shape)) * (invstd / n).view(shape)
+        w = torch.ones_like(invstd) if weight is None else weight
+        shape = (1, 1, -1) + (1,) * (blocks.dim() - 3)
+        a = g_w * w * invstd.square() / n
+        c = g_b * w * invstd / n - mean * a
+        g_x[:, :batch].addcmul_(blocks[:, :batch], -a.view(shape)).sub_(c.view(shape))
         if weight is None:
             return g_x, None, None, None, None
         return g_x, g_w if ctx.needs_input_grad[1] else None, g_b if ctx.needs_input_grad[2] else None, None, None
+
+
+def _channel_stats(x: torch.Tensor):
+    """Biased variance and mean per channel of ``x`` ``(m, B, C, ...)``, by two passes (mean,
+    then squared deviations), each summed over the inner dimensions first: torch.var_mean over
+    dimensions around the channel took 4x as long on a CSNN's (4, 64, 32, 28, 28)."""
+    inner = tuple(range(3, x.dim()))
+    n = x.numel() // x.shape[2]
+    shape = (1, 1, -1) + (1,) * len(inner)
+
+    def total(v):
+        return (v.sum(dim=inner) if inner else v).sum(dim=(0, 1))
+    mean = total(x) / n
+    return total((x - mean.view(shape)).square_()) / n, mean
 
 
 def _batch_norm_composite(bn, rows: TwinRows, blocks: torch.Tensor, multistep: bool) -> torch.Tensor:
