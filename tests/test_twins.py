@@ -1,10 +1,10 @@
-"""The twins' renormalization node against the same arithmetic written as plain operations."""
+"""The twins' renormalization against the same arithmetic written as plain operations."""
 import math
 
 import pytest
 import torch
 
-from stablespike.twins import TwinEstimate, TwinRows, _Renormalize
+from stablespike.twins import TwinEstimate, TwinRows, renormalized
 
 
 def reference(states, index, batch, groups, target):
@@ -29,7 +29,7 @@ CASES = [  # (shapes per state, batch, index, groups, target)
 def test_values_and_gradients_equal_plain_operations(shapes, batch, index, groups, target):
     g = torch.Generator().manual_seed(0)
     states = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
-    got = _Renormalize.apply(index, batch, groups, target, *states)
+    got = renormalized(states, index, batch, groups, target)
     want = reference(states, index, batch, groups, target)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-12)
@@ -38,12 +38,12 @@ def test_values_and_gradients_equal_plain_operations(shapes, batch, index, group
     gb = torch.autograd.grad(sum((b * w).sum() for b, w in zip(want, weights)), states)
     for a, b in zip(ga, gb):
         assert torch.allclose(a, b, atol=1e-10)
-    assert torch.autograd.gradcheck(lambda *s: _Renormalize.apply(index, batch, groups, target, *s), tuple(states))
+    assert torch.autograd.gradcheck(lambda *s: tuple(renormalized(s, index, batch, groups, target)), tuple(states))
 
 
 def test_a_twin_on_its_sample_stays_there_with_finite_gradients():
     s = torch.tensor([[1.0, 2.0], [1.0, 2.0]], requires_grad=True)  # one sample, its twin equal
-    new, sq = _Renormalize.apply(None, 1, (0,), 0.1, s)
+    new, sq = renormalized([s], None, 1, (0,), 0.1)
     assert torch.equal(new.detach(), s.detach()) and float(sq.detach()) == 0.0
     new.sum().backward()
     assert torch.isfinite(s.grad).all()

@@ -119,7 +119,7 @@ class TwinEstimate:
         ids = sorted(set(group_of))
         local = [ids.index(g) for g in group_of]
         index = None if self.rows.all_rows else self.rows.index.to(states[0].device)
-        *new, sq = _Renormalize.apply(index, self.rows.batch, tuple(local), self.group_target, *states)
+        *new, sq = renormalized(states, index, self.rows.batch, local, self.group_target)
         self._sq.setdefault(step, {}).update({g: sq[i] for i, g in enumerate(ids)})
         if self.every > 1:
             self._check_saturation(states, sq.detach().sum(0))
@@ -180,56 +180,62 @@ class TwinEstimate:
         return float(flips.float().mean())
 
 
-class _Renormalize(torch.autograd.Function):
-    """Twins put back at distance ``target`` from their samples, per group of state tensors:
+def renormalized(states: Sequence[torch.Tensor], index: Optional[torch.Tensor], batch: int, groups,
+                 target: float) -> List[torch.Tensor]:
+    """``states`` ``(B + K, ...)`` with each twin row put back at distance ``target`` from its
+    sample row, per group of states (``groups[i]``: the group of state ``i``, numbered from 0):
     ``twin <- sample + d * target / |d|`` with ``d = twin - sample`` and ``|d|`` over the group.
+    ``index`` ``(K,)``: the sample of each twin (None: twin ``i`` copies sample ``i``). Returns
+    the new states, then ``sq`` ``(G, K)``, the squared distances before.
 
-    One autograd node with its gradient written out, working on the states' rows laid side by
-    side (``(K, N)`` for all tensors at once) instead of ~15 nodes per layer and step: the same
-    arithmetic as plain operations (``tests/test_twins.py`` checks values and gradients against
-    them and by gradcheck). Per step for 4 layers of 256 neurons, forward and backward: 1.2-1.45
-    ms as plain operations, 1.3 ms as one node per tensor, 1.1 ms side by side (8 twins; 1.8
-    and 1.4 ms with 64). Outputs: the new states, then ``sq`` ``(G, K)``, the squared distances
-    before.
+    The states are laid side by side as one ``(B + K, N)`` tensor, renormalized by one autograd
+    node, and handed back as views of its result: a fixed handful of operations per step
+    whatever the number of layers (on a CPU each operation costs ~8 us of dispatch however small).
     """
+    widths = tuple(s[0].numel() for s in states)
+    rows = states[0].flatten(1) if len(states) == 1 else torch.cat([s.flatten(1) for s in states], dim=1)
+    new, sq = _Renormalize.apply(rows, index, int(batch), widths, tuple(groups), float(target))
+    parts = (new,) if len(states) == 1 else new.split(widths, dim=1)
+    return [part.view(s.shape) for part, s in zip(parts, states)] + [sq]
+
+
+class _Renormalize(torch.autograd.Function):
+    """The renormalization of :func:`renormalized` on the side-by-side rows ``(B + K, N)``, with
+    its gradient written out (~15 operations as plain autograd; ``tests/test_twins.py`` checks
+    values and gradients against them and by gradcheck). Outputs: the new rows, ``sq`` ``(G, K)``."""
 
     @staticmethod
-    def forward(ctx, index, batch: int, groups, target: float, *states):
-        twins_rows = torch.cat([s[batch:].reshape(s.shape[0] - batch, -1) for s in states], dim=1)  # (K, N)
-        samples = torch.cat([s[:batch].reshape(batch, -1) for s in states], dim=1)  # (B, N)
-        partners = samples if index is None else samples.index_select(0, index)
-        d = twins_rows - partners
-        widths = [s[0].numel() for s in states]
+    def forward(ctx, rows, index, batch: int, widths, groups, target: float):
+        partners = rows[:batch] if index is None else rows.index_select(0, index)
+        d = rows[batch:] - partners  # (K, N)
         sq = _group_sq(d, widths, groups)  # (G, K)
         scale = target * sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt()  # 0 distance stays 0
-        new_rows = torch.addcmul(partners, d, _per_column(scale, widths, groups))
-        ctx.batch, ctx.groups, ctx.widths = batch, groups, widths
+        new = torch.empty_like(rows)
+        new[:batch] = rows[:batch]
+        torch.addcmul(partners, d, _per_column(scale, widths, groups), out=new[batch:])
+        ctx.batch, ctx.widths, ctx.groups = batch, widths, groups
         ctx.save_for_backward(index, sq, scale, d)
-        new = [torch.cat([s[:batch], part.reshape(s[batch:].shape)])
-               for s, part in zip(states, new_rows.split(widths, dim=1))]
-        return (*new, sq)
+        return new, sq
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_new, grad_sq):
         index, sq, scale, d = ctx.saved_tensors
-        batch, groups, widths = ctx.batch, ctx.groups, ctx.widths
-        grad_new, grad_sq = grads[:-1], grads[-1]
-        g_twins = torch.cat([g[batch:].reshape(g.shape[0] - batch, -1) for g in grad_new], dim=1)
+        batch, widths, groups = ctx.batch, ctx.widths, ctx.groups
+        g_twins = grad_new[batch:]
         # through the scale: dL/dsq = sum(g . d) * d(scale)/dsq, d(scale)/dsq = -scale / (2 sq)
-        dots = _group_sq(d, widths, groups, other=g_twins)
         tiny = torch.finfo(sq.dtype).tiny
-        g_sq = dots * torch.where(sq > tiny, -0.5 * scale / sq.clamp_min(tiny), 0.0)
+        g_sq = _group_sq(d, widths, groups, other=g_twins) * torch.where(sq > tiny, -0.5 * scale / sq.clamp_min(tiny), 0.0)
         if grad_sq is not None:
             g_sq = g_sq + grad_sq
-        g_d = torch.addcmul(g_twins * _per_column(scale, widths, groups), d, _per_column(2.0 * g_sq, widths, groups))
-        to_samples = (g_twins - g_d).split(widths, dim=1)
-        out = []
-        for gn, to_sample, g_twin in zip(grad_new, to_samples, g_d.split(widths, dim=1)):
-            to_sample = to_sample.reshape(gn[batch:].shape)
-            nominal = gn[:batch] + to_sample if index is None else \
-                gn[:batch].index_put((index,), to_sample, accumulate=True)  # index_add: ~10 ms here
-            out.append(torch.cat([nominal, g_twin.reshape(gn[batch:].shape)]))
-        return (None, None, None, None, *out)
+        grad = torch.empty_like(grad_new)
+        g_d = torch.addcmul(g_twins * _per_column(scale, widths, groups), d,
+                            _per_column(2.0 * g_sq, widths, groups), out=grad[batch:])
+        if index is None:
+            torch.add(grad_new[:batch], g_twins - g_d, out=grad[:batch])
+        else:
+            grad[:batch] = grad_new[:batch]
+            grad[:batch].index_put_((index,), g_twins - g_d, accumulate=True)  # index_add_ was slower
+        return grad, None, None, None, None, None
 
 
 def _group_sq(d: torch.Tensor, widths, groups, other: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -246,11 +252,6 @@ def _per_column(v: torch.Tensor, widths, groups) -> torch.Tensor:
     if max(groups) == 0:
         return v[0].unsqueeze(1)
     return torch.cat([v[g].unsqueeze(1).expand(-1, w) for g, w in zip(groups, widths)], dim=1)
-
-
-def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` viewed to broadcast over the rows of ``like`` ``(K, ...)``."""
-    return v.view(-1, *[1] * (like.dim() - 1))
 
 
 def _group_sum(rows: torch.Tensor, groups) -> torch.Tensor:
