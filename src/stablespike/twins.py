@@ -234,7 +234,7 @@ class _Renormalize(torch.autograd.Function):
             torch.add(grad_new[:batch], g_twins - g_d, out=grad[:batch])
         else:
             grad[:batch] = grad_new[:batch]
-            grad[:batch].index_put_((index,), g_twins - g_d, accumulate=True)  # index_add_ was slower
+            grad[:batch].index_add_(0, index, g_twins - g_d)  # index_put_ with accumulate: 15x slower
         return grad, None, None, None, None, None
 
 
