@@ -174,11 +174,15 @@ def test_outputs_equal_plain_forward(name):
     assert_outputs_equal(res.outputs, want)
 
 
-def test_spikingjelly_batchnorm_running_stats_equal_plain_forward_in_training():
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_spikingjelly_batchnorm_running_stats_equal_plain_forward_in_training(fraction):
+    """With fraction 0.25 the first batch norm's T * B = 20 rows (before the first neuron, where
+    twin rows are appended) are also 4 blocks of B + K = 5: they must still be read as samples."""
     case = make("spikingjelly_csnn", T=5, B=4)
     case.model.train()
     reference = copy.deepcopy(case.model)
-    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, generator=_gen(5), **case.kw)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, generator=_gen(5), fraction=fraction,
+                                     **case.kw)
     want = case.plain(reference)
     assert_outputs_equal(res.outputs, want)
     bns = [m for m in case.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -190,6 +194,21 @@ def test_spikingjelly_batchnorm_running_stats_equal_plain_forward_in_training():
         assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
         assert torch.allclose(bn.running_var, ref.running_var, atol=1e-6)
         assert not torch.allclose(ref.running_mean, torch.zeros_like(ref.running_mean))  # it did move
+
+
+def test_layers_before_the_first_neuron_run_on_the_samples_only():
+    """The twins' rows are appended where a neuron gets the samples' rows: the first layer runs
+    once per sample (as the seeds' loops did), every neuron state carries the twins."""
+    case = make("snntorch_tutorial5", T=6, B=5)
+    first = next(m for m in case.model.modules() if isinstance(m, nn.Linear))
+    rows = []
+    handle = first.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, fraction=0.4, generator=_gen(1),
+                                         **case.kw)
+    finally:
+        handle.remove()
+    assert set(rows) == {5} and res.per_sample.shape == (2,)
 
 
 # --- 3. large eps: flips reported, gradient reaches the first layer ---------------------------

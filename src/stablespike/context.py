@@ -1,7 +1,7 @@
 """Bottom layer: which rows of a batch are nominal while a Lyapunov estimate runs.
 
-A finite-difference estimate runs the model on its batch of ``B`` samples extended with ``K``
-twin rows (perturbed copies of some of the samples). Monitors and profilers hooked into the model
+A finite-difference estimate runs the model on its batch of ``B`` samples, with ``K`` twin rows
+(perturbed copies of some of the samples) appended from its first neurons on. Monitors and profilers hooked into the model
 must keep counting the ``B`` real samples only: they ask :func:`nominal_rows`. Nothing else is
 shared between the diagnostics and the estimator.
 """

@@ -91,6 +91,8 @@ class NeuronRun(abc.ABC):
     compute it (:meth:`replacements`), and may look at each call (:meth:`observe`) and close the
     run (:meth:`finish`). ``rows``: the number of rows every state must have."""
 
+    rows_added = "along batch_dim"  # where the extra rows enter, for error messages
+
     def __init__(self, model: nn.Module, layers: Sequence[Layer], chosen: Sequence[int],
                  rows: int, nominal: int, joint: bool):
         self.model, self.rows, self.nominal = model, int(rows), int(nominal)
@@ -122,6 +124,22 @@ class NeuronRun(abc.ABC):
         """The input of one step of a multi-step neuron run step by step."""
         return x_t
 
+    def extend(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """A tensor with the ``nominal`` rows only, as a neuron gets it from layers before the
+        first neuron, given the extra rows along ``dim``. Drivers that extend ``x`` itself never
+        see one: unchanged."""
+        return t
+
+    def entering(self) -> None:
+        """Called as a neuron is entered (a subclass may note that the extra rows exist now)."""
+
+    def _extended(self, obj, dim: int):
+        """``obj`` (an argument of a neuron call) with each tensor of ``nominal`` rows along
+        ``dim`` (its input, a state the user made for the samples) given the extra rows."""
+        self.entering()
+        return _map_tensors(obj, lambda t: self.extend(t, dim)
+                            if t.dim() > dim and t.shape[dim] == self.nominal else t)
+
     # --- the run ------------------------------------------------------------------------
     def run(self, forward, x):
         """``forward(model, x)`` with the hooks in place; the neurons keep the first ``nominal``
@@ -143,7 +161,7 @@ class NeuronRun(abc.ABC):
                         raise  # torch.compile's own errors pass through
                     raise ValueError(
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
-                        f"appended to its {self.nominal} samples along batch_dim ({e}); if "
+                        f"appended to its {self.nominal} samples {self.rows_added} ({e}); if "
                         "batch_dim is not the dimension of x that indexes samples, that is the "
                         "cause" + _dtype_hint(x)) from e
             self.finish()
@@ -157,11 +175,14 @@ class NeuronRun(abc.ABC):
 
     @_eager  # bookkeeping by identity: under torch.compile a graph break per call
     def _before_call(self, n: Neuron, module, args, kwargs):
+        extended_args, extended_kwargs = self._extended(args, 0), self._extended(kwargs, 0)
+        extended = extended_args is not args or extended_kwargs is not kwargs
+        args, kwargs = extended_args, extended_kwargs
         if n.group is None or n.calls == 0:
-            return None
+            return (args, kwargs) if extended else None
         self.prepare(n)
         if not (n.required or n.optional):
-            return None
+            return (args, kwargs) if extended else None
         replace = {**n.optional, **n.required}
         new_args, new_kwargs = _substitute(args, replace), _substitute(kwargs, replace)
         in_call = new_args is not args or new_kwargs is not kwargs
@@ -256,6 +277,7 @@ def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
         if getattr(module, "store_v_seq", False):
             module.v_seq = None  # collected afresh for this sequence, as a multi-step call does
         state = args[0] if args else kwargs.get("state")  # norse: (input, state=None)
+        x_seq, state = run._extended(x_seq, 1), run._extended(state, 0)
         outputs = []
         # unbind, not x_seq[t]: the gradient of each indexing is a zero tensor of the whole
         # sequence (a third of a regularized multi-step CSNN step's extra time)
@@ -288,19 +310,24 @@ def _is_stepwise(module: nn.Module) -> bool:
 
 # --- replacing state tensors by identity -----------------------------------------------------
 def _substitute(obj, replace: Replacement):
-    """``obj`` with every tensor in ``replace`` (by id) swapped, through tuples (named ones too),
-    lists and dicts; ``obj`` itself when nothing was swapped."""
+    """``obj`` with every tensor in ``replace`` (by id) swapped; ``obj`` itself when nothing was."""
+    return _map_tensors(obj, lambda t: replace.get(id(t), t))
+
+
+def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """``obj`` with ``fn`` applied to every tensor, through tuples (named ones too), lists and
+    dicts; ``obj`` itself when ``fn`` returned every tensor unchanged."""
     if isinstance(obj, torch.Tensor):
-        return replace.get(id(obj), obj)
+        return fn(obj)
     if isinstance(obj, (tuple, list)):
-        items = [_substitute(o, replace) for o in obj]
+        items = [_map_tensors(o, fn) for o in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*items)
         return type(obj)(items)
     if isinstance(obj, dict):
-        items = {k: _substitute(v, replace) for k, v in obj.items()}
+        items = {k: _map_tensors(v, fn) for k, v in obj.items()}
         return obj if all(items[k] is obj[k] for k in obj) else items
     return obj
 

@@ -33,9 +33,23 @@ class ModuleTwins(NeuronRun):
         # float32 whatever the membrane's dtype, which a float64 run must not see
         self.dtype = dtype
 
+    rows_added = ("at its spiking neurons' inputs (a layer that mixes a neuron's output with a "
+                  "tensor computed before the first neuron, such as a skip connection from x, "
+                  "cannot take them)")
+
     def run(self, forward, x):
+        """``forward(model, x)`` on the samples ``x``: the twin rows are appended where a neuron
+        gets a tensor of the samples' rows (its input, a state the user made), so the layers
+        before the first neuron run once, as the seeds' loops did."""
+        self.twin_rows.started = False  # until a neuron runs, tensors hold the samples only
         with shared_across_twins(self.model, self.twin_rows):
             return super().run(forward, x)
+
+    def extend(self, t, dim):
+        return self.twin_rows.extend(t, dim)
+
+    def entering(self) -> None:
+        self.twin_rows.started = True
 
     def wrap_output(self, output):
         return output if self.dtype is None else cast_floats(output, self.dtype)

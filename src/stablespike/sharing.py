@@ -58,8 +58,10 @@ def _patch(module: nn.Module, name: str, replacement):
 
 
 def _blocks(x: torch.Tensor, rows: TwinRows):
-    """``(m * (B + K), ...) -> (m, B + K, ...)``, or None when ``x`` is not laid out so."""
-    if x.dim() == 0 or x.shape[0] % rows.total:
+    """``(m * (B + K), ...) -> (m, B + K, ...)``, or None when ``x`` is not laid out so (or
+    holds the samples only: before the twins' rows were appended at the first neuron, a
+    time-flattened ``T * B`` could be a multiple of ``B + K``)."""
+    if x.dim() == 0 or x.shape[0] % rows.total or not rows.started:
         return None
     return x.unflatten(0, (x.shape[0] // rows.total, rows.total))
 
@@ -76,14 +78,16 @@ def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Te
     multistep = getattr(bn, "step_mode", "s") == "m"  # spikingjelly: (T, N, C, ...)
     flat = x.flatten(0, 1) if multistep else x
     blocks = _blocks(flat, rows)
-    if not uses_batch or blocks is None:
-        return type(bn).forward(bn, x)
-    values = blocks[:, : rows.batch].numel() // blocks.shape[2]
+    samples = flat if blocks is None else blocks[:, : rows.batch]  # before the first neuron: all
+    values = samples.numel() // max(1, samples.shape[1 if blocks is None else 2]) if flat.dim() > 1 else 0
     if bn.training and values < 2:  # as torch's own batch norm refuses
         raise ValueError(
             f"x: {type(bn).__name__} in training mode needs more than 1 value per channel from the "
-            f"samples, got {values} (input of shape {tuple(x.shape)} holding {rows.batch} sample(s) "
-            "and their twins); use a batch of at least 2 samples or model.eval()")
+            f"samples, got {values} (input of shape {tuple(x.shape)} holding {rows.batch} sample(s)"
+            f"{'' if blocks is None else ' and their twins'}); use a batch of at least 2 samples "
+            "or model.eval()")
+    if not uses_batch or blocks is None:
+        return type(bn).forward(bn, x)
     if isinstance(bn, nn.SyncBatchNorm) or fwAD.unpack_dual(x).tangent is not None:
         out = _batch_norm_composite(bn, rows, blocks, multistep)  # cross-rank statistics; forward mode
     else:
@@ -221,6 +225,6 @@ def _dropout(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor
 def _create_mask(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
     """spikingjelly's mask for one step's ``(B + K, ...)``: drawn for the samples, copied to twins."""
     plain = type(module).create_mask
-    if x.dim() == 0 or x.shape[0] != rows.total:
+    if x.dim() == 0 or x.shape[0] != rows.total or not rows.started:
         return plain(module, x)
     return rows.extend(plain(module, x[: rows.batch]), dim=0)

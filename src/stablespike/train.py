@@ -54,6 +54,7 @@ from .data import ENCODERS, Dataset, augment_cifar, encode
 from .distributed import (Ranks, any_rank, average_buffers, broadcast_from_main, check_batch_size,
                           current, data_parallel, mean_across_ranks, setup, sum_across_ranks)
 from .callbacks import TensorBoardSink, layer_row
+from .context import active_rows
 from .lyapunov import PENALTY_KINDS, LyapunovRegularizer, finite_difference_lyapunov
 from .profiler import SpikeProfiler
 from .options import OptionError, check_device, check_integer, check_number, one_line
@@ -431,12 +432,19 @@ def _tensorboard(out_dir):
 
 def _logits(net: nn.Module, x: torch.Tensor, forward: Callable) -> torch.Tensor:
     """``forward(net, x)``, checked to be the logits ``(B, classes)`` of the batch."""
-    logits = forward(net, x)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+    logits, rows = forward(net, x), _output_rows(x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"forward: expected it to return logits (B, classes) = ({x.shape[0]}, ...) "
-                         f"for a batch of {x.shape[0]}, got {got}")
+        raise ValueError(f"forward: expected it to return logits (B, classes) = ({rows}, ...) "
+                         f"for a batch of {rows}, got {got}")
     return logits
+
+
+def _output_rows(x: torch.Tensor) -> int:
+    """The rows a forward on the batch ``x`` returns: with the twin engine running, the samples
+    and the twin rows it appends at the model's neurons."""
+    layout = active_rows()
+    return x.shape[0] if layout is None else layout.total
 
 
 def _outputs(net: nn.Module, x: torch.Tensor, forward: Callable, loss: Optional[Callable]):
@@ -504,8 +512,8 @@ def _each_tensor(outputs, fn: Callable, counter: Optional[list] = None):
 
 
 class _SamplesFirst:
-    """A user's ``forward`` as the twin engine runs it: on the batch extended with twin rows
-    ``x (B + K, ...)``, each output tensor with its samples' dimension moved first; :meth:`restore`
+    """A user's ``forward`` as the twin engine runs it (outputs with the ``B + K`` rows of the
+    samples and the twins the engine appends at the neurons), each output tensor with its samples' dimension moved first; :meth:`restore`
     moves it back in the engine's nominal outputs. That dimension is the one of size ``B + K``;
     where several are (a time or class axis as long as the extended batch, say at a short last
     batch), the one an earlier batch of the epoch showed: never a guess."""
@@ -517,7 +525,8 @@ class _SamplesFirst:
 
     def __call__(self, model, x):
         self.moved = {}
-        return _each_tensor(self.forward(model, x), lambda i, t: self._first(i, t, x.shape[0]))
+        total = _output_rows(x)
+        return _each_tensor(self.forward(model, x), lambda i, t: self._first(i, t, total))
 
     def _first(self, i: int, t: torch.Tensor, total: int) -> torch.Tensor:
         dims = [d for d in range(t.dim()) if t.shape[d] == total]

@@ -35,6 +35,9 @@ class TwinRows:
         self.twins = int(index.numel())
         self.total = self.batch + self.twins
         self.all_rows = self.twins == self.batch and bool(torch.equal(index.cpu(), torch.arange(self.batch)))
+        # whether tensors may hold the twin rows yet (False while a model runs on its samples
+        # before its first neuron, where the module driver appends them)
+        self.started = True
 
     def extend(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """``x`` with the twins' copies of their samples appended along ``dim`` (B -> B + K)."""

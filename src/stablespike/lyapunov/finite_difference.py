@@ -169,13 +169,12 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     groups = len(chosen) if renorm == "per_layer" else 1
     estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every, discard=discard,
                             count_flips=count_flips)
-    x_twins = rows.extend(x, dim=batch_dim)
     driver = ModuleTwins(model, neurons, chosen, estimate, generator, twin_dtype)
     if twin_dtype is None:
-        out = driver.run(forward, x_twins)
+        out = driver.run(forward, x)
     else:
         with cast_forward(model, forward, twin_dtype) as cast:
-            out = driver.run(cast, x_twins.to(twin_dtype) if x.is_floating_point() else x_twins)
+            out = driver.run(cast, x.to(twin_dtype) if x.is_floating_point() else x)
     state_dtype = next(iter(driver.chosen[0].state.values())).dtype
     _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.chosen for s in n.state.values()),
                         state_dtype)
