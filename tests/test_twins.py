@@ -88,3 +88,14 @@ def test_the_shared_batch_norm_node_equals_plain_operations(affine):
     fn = (lambda x, ww, bb: _SharedBatchNorm.apply(x, ww, bb, 3, 1e-5)[0]) if affine else \
         (lambda x: _SharedBatchNorm.apply(x, None, None, 3, 1e-5)[0])
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("index, dim", [(None, 0), (torch.tensor([2, 0, 2]), 1)])
+def test_appending_copies_has_the_gradients_of_cat_and_index_select(index, dim):
+    """TwinRows.extend's node against cat([x, x[index]]) written as plain operations: values,
+    gradients (reverse and forward mode) by gradcheck."""
+    rows = TwinRows(3, torch.arange(3) if index is None else index)
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    plain = torch.cat([x, x if index is None else x.index_select(dim, index)], dim=dim)
+    assert torch.equal(rows.extend(x, dim=dim), plain)
+    assert torch.autograd.gradcheck(lambda t: rows.extend(t, dim=dim), (x,), check_forward_ad=True)

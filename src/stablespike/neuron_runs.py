@@ -124,10 +124,11 @@ class NeuronRun(abc.ABC):
         """The input of one step of a multi-step neuron run step by step."""
         return x_t
 
+    appends_rows = False  # whether the extra rows are appended at the neurons (else x has them)
+
     def extend(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """A tensor with the ``nominal`` rows only, as a neuron gets it from layers before the
-        first neuron, given the extra rows along ``dim``. Drivers that extend ``x`` itself never
-        see one: unchanged."""
+        first neuron, given the extra rows along ``dim`` (drivers with ``appends_rows``)."""
         return t
 
     def entering(self) -> None:
@@ -137,6 +138,8 @@ class NeuronRun(abc.ABC):
         """``obj`` (an argument of a neuron call) with each tensor of ``nominal`` rows along
         ``dim`` (its input, a state the user made for the samples) given the extra rows."""
         self.entering()
+        if not self.appends_rows or obj is None or (isinstance(obj, (tuple, list, dict)) and not obj):
+            return obj
         return _map_tensors(obj, lambda t: self.extend(t, dim)
                             if t.dim() > dim and t.shape[dim] == self.nominal else t)
 

@@ -33,6 +33,7 @@ class ModuleTwins(NeuronRun):
         # float32 whatever the membrane's dtype, which a float64 run must not see
         self.dtype = dtype
 
+    appends_rows = True
     rows_added = ("at its spiking neurons' inputs (a layer that mixes a neuron's output with a "
                   "tensor computed before the first neuron, such as a skip connection from x, "
                   "cannot take them)")
