@@ -270,7 +270,7 @@ def bench_one(spec: str, args) -> dict:
                            lambda: (torch.rand(B, T, 784), torch.randint(0, 10, (B,))), variants, args, reg)
     T, B = 4, args.vgg_batch
     return bench_model(f"VGG 3 stages x1 block, 16 ch, 32x32, T={T} B={B}",
-                       lambda: SpikingVGG(3, 10, base_channels=16, num_stages=3, blocks_per_stage=1, T=T),
+                       lambda: SpikingVGG(3, 10, base_channels=16, num_stages=3, blocks_per_stage=1, T=T, input_size=32),
                        lambda: (torch.rand(B, 3, 32, 32), torch.randint(0, 10, (B,))), variants, args, reg)
 
 
