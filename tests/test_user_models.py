@@ -558,3 +558,55 @@ def test_depthwise_gain_of_a_user_module_equals_the_known_layer_gain():
     finally:
         stablespike.neurons.DEFAULT_REGISTRY.unregister(_LinearNeuron)
     assert torch.allclose(r.per_sample, torch.full((3, 1), math.log(3.0), dtype=torch.float64))
+
+
+def _batch_size_net(beta=0.8, threshold=1.0):
+    """snnTorch tutorial 7's class-based net: the forward reads the batch size from x and
+    reshapes a neuron's output to it (``spk2.view(batch_size, -1)``); batch norm first."""
+    import snntorch as snn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.lif1 = snn.Leaky(beta=beta, threshold=threshold)
+            self.conv2, self.lif2 = nn.Conv2d(4, 4, 3), snn.Leaky(beta=beta, threshold=threshold)
+            self.fc1, self.lif3 = nn.Linear(4, 3), snn.Leaky(beta=beta, threshold=threshold)
+
+        def forward(self, x):  # x (T, B, 1, 12, 12)
+            batch_size = x.shape[1]
+            mem1, mem2, mem3 = self.lif1.init_leaky(), self.lif2.init_leaky(), self.lif3.init_leaky()
+            spk_rec = []
+            for x_t in x:
+                cur1 = nn.functional.max_pool2d(self.bn1(self.conv1(x_t)), 2)
+                spk1, mem1 = self.lif1(cur1, mem1)
+                spk2, mem2 = self.lif2(nn.functional.max_pool2d(self.conv2(spk1), 2), mem2)
+                spk3, mem3 = self.lif3(self.fc1(spk2.view(batch_size, -1)), mem3)
+                spk_rec.append(spk3)
+            return torch.stack(spk_rec)
+
+    torch.manual_seed(0)
+    return Net().train()
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_a_forward_that_reshapes_to_xs_batch_size_gets_its_twins_with_x(below):
+    """Twin rows appended at the neurons would break ``view(batch_size, -1)``: the engine
+    falls back to extending x, with batch norm's statistics and the random state as if the
+    failed try never ran, and remembers it for the next call."""
+    net = _batch_size_net(threshold=1e9 if below else 0.5)
+    reference = copy.deepcopy(net)
+    x = torch.rand(6, 5, 1, 12, 12, generator=_gen(2))
+    torch.manual_seed(3)
+    res = finite_difference_lyapunov(net, x, eps=1e-2, fraction=0.4, generator=_gen(4))
+    torch.manual_seed(3)
+    want = reference(x)
+    assert_outputs_equal(res.outputs, want)
+    assert torch.equal(net.bn1.num_batches_tracked, reference.bn1.num_batches_tracked)
+    assert torch.allclose(net.bn1.running_mean, reference.bn1.running_mean, atol=1e-6)
+    if below:
+        assert abs(float(res.exponent) - math.log(0.8)) < 0.01
+    from stablespike.lyapunov.finite_difference import _TWINS_ENTER
+    assert _TWINS_ENTER[net] == "x"  # the try at the neurons failed, and is not made again
+    again = finite_difference_lyapunov(net, x, eps=1e-2, fraction=0.4, generator=_gen(4))
+    assert torch.isfinite(again.exponent)

@@ -60,6 +60,10 @@ def _eager(fn):
     return call
 
 
+class ForwardFailed(ValueError):
+    """The user's forward raised while running with the extra rows (a shape error, most often)."""
+
+
 class Neuron:
     """Bookkeeping of one neuron module during a run."""
 
@@ -162,7 +166,7 @@ class NeuronRun(abc.ABC):
                 except RuntimeError as e:  # e.g. a layer that got the samples' copies along features
                     if torch.compiler.is_compiling() or type(e).__module__.startswith("torch._"):
                         raise  # torch.compile's own errors pass through
-                    raise ValueError(
+                    raise ForwardFailed(
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
                         f"appended to its {self.nominal} samples {self.rows_added} ({e}); if "
                         "batch_dim is not the dimension of x that indexes samples, that is the "

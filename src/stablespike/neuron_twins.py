@@ -25,24 +25,31 @@ class ModuleTwins(NeuronRun):
 
     def __init__(self, model: nn.Module, layers: Sequence[Layer], chosen: Sequence[int],
                  estimate: TwinEstimate, generator: Optional[torch.Generator],
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, at_neurons: bool = True):
         rows = estimate.rows
+        # at_neurons: the twin rows are appended at the neurons' inputs; else x comes extended
+        self.appends_rows = at_neurons
         super().__init__(model, layers, chosen, rows.total, rows.batch, estimate.renorm == "global")
         self.estimate, self.generator, self.twin_rows = estimate, generator, rows
         # floating outputs of the neurons are cast to it: snnTorch's spike functions return
         # float32 whatever the membrane's dtype, which a float64 run must not see
         self.dtype = dtype
 
-    appends_rows = True
-    rows_added = ("at its spiking neurons' inputs (a layer that mixes a neuron's output with a "
-                  "tensor computed before the first neuron, such as a skip connection from x, "
-                  "cannot take them)")
+    @property
+    def rows_added(self) -> str:
+        if not self.appends_rows:
+            return "along batch_dim"
+        return ("at its spiking neurons' inputs (a layer that mixes a neuron's output with a "
+                "tensor computed before the first neuron, such as a skip connection from x or a "
+                "reshape to x's batch size, cannot take them)")
 
     def run(self, forward, x):
-        """``forward(model, x)`` on the samples ``x``: the twin rows are appended where a neuron
-        gets a tensor of the samples' rows (its input, a state the user made), so the layers
-        before the first neuron run once, as the seeds' loops did."""
-        self.twin_rows.started = False  # until a neuron runs, tensors hold the samples only
+        """``forward(model, x)``. With ``at_neurons``, ``x`` holds the samples and the twin rows
+        are appended where a neuron gets a tensor of the samples' rows (its input, a state the
+        user made), so the layers before the first neuron run once, as the seeds' loops did;
+        otherwise ``x`` comes with the twin rows."""
+        # until a neuron runs, tensors hold the samples only
+        self.twin_rows.started = not self.appends_rows
         with shared_across_twins(self.model, self.twin_rows):
             return super().run(forward, x)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -32,6 +33,7 @@ import torch
 from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
                        check_positive, check_tensor, user_stacklevel)
 from ..dynamics import run_twins, select_layers, state_spec_of
+from ..neuron_runs import ForwardFailed
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
 from ..twins import RENORM_MODES, TwinEstimate, choose_rows
@@ -167,14 +169,17 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
         renorm = "per_layer"  # layer after layer: the layers cannot be rescaled together
     rows = choose_rows(x.shape[batch_dim], fraction, x.device, generator)
     groups = len(chosen) if renorm == "per_layer" else 1
-    estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every, discard=discard,
-                            count_flips=count_flips)
-    driver = ModuleTwins(model, neurons, chosen, estimate, generator, twin_dtype)
-    if twin_dtype is None:
-        out = driver.run(forward, x)
-    else:
+
+    def attempt(at_neurons: bool):
+        estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every, discard=discard,
+                                count_flips=count_flips)
+        driver = ModuleTwins(model, neurons, chosen, estimate, generator, twin_dtype, at_neurons)
+        x_in = x if at_neurons else rows.extend(x, dim=batch_dim)
+        if twin_dtype is None:
+            return estimate, driver, driver.run(forward, x_in)
         with cast_forward(model, forward, twin_dtype) as cast:
-            out = driver.run(cast, x.to(twin_dtype) if x.is_floating_point() else x)
+            return estimate, driver, driver.run(cast, x_in.to(twin_dtype) if x.is_floating_point() else x_in)
+    estimate, driver, out = _where_twins_enter(model, x, generator, attempt)
     state_dtype = next(iter(driver.chosen[0].state.values())).dtype
     _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.chosen for s in n.state.values()),
                         state_dtype)
@@ -184,6 +189,56 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
         exponent=per_sample.mean().to(dtype), per_sample=per_sample.to(dtype),
         sample_index=rows.index, flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
         steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, batch_dim, dtype))
+
+
+# model -> where its twin rows enter: "neurons" (appended at the neurons' inputs, the layers
+# before the first neuron run once) or "x" (x extended: every layer runs on the twins too)
+_TWINS_ENTER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _where_twins_enter(model, x, generator, attempt):
+    """``attempt(at_neurons)`` at the neurons, or, for a model whose forward fails so (it
+    reshapes a neuron's output to the batch size it read from ``x``, or mixes it with a tensor
+    computed before the first neuron), with ``x`` extended, as that forward expects. The first
+    call on a model tries the neurons with its buffers and random state saved, restores them on
+    failure, and remembers what worked."""
+    where = _TWINS_ENTER.get(model)
+    if where != "x":
+        saved = None if where == "neurons" else _RunState(model, x, generator)
+        try:
+            result = attempt(True)
+        except ForwardFailed:
+            if saved is None:
+                raise
+            saved.restore()
+        else:
+            _TWINS_ENTER[model] = "neurons"
+            return result
+    result = attempt(False)
+    _TWINS_ENTER[model] = "x"
+    return result
+
+
+class _RunState:
+    """A model's buffers (batch-norm statistics) and the random states a forward draws from."""
+
+    def __init__(self, model, x: torch.Tensor, generator: Optional[torch.Generator]):
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        self.generator = generator, (generator.get_state() if generator is not None else None)
+        self.device = x.device
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, value in self.buffers:
+                b.copy_(value)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        generator, state = self.generator
+        if generator is not None:
+            generator.set_state(state)
 
 
 def _choose_neurons(count: int, layers) -> List[int]:
