@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stablespike.dynamics import StateSpec, select_layers, state_spec_of, unroll
+from stablespike.dynamics import StateSpec, layer_indices, select_layers, state_spec_of, unroll
 from stablespike.twins import TwinRows, choose_rows
 
 
@@ -52,6 +52,17 @@ def test_state_spec_default_and_layer_selection():
     assert select_layers(spec, [-1]) == (1,)
     with pytest.raises(ValueError, match="lyap_layers"):
         select_layers(spec, [2])
+    for bad in ([1.5], [True], ["0"]):  # not silently truncated to a layer
+        with pytest.raises(ValueError, match=r"lyap_layers: expected layer indices in \[-2, 1\]"):
+            select_layers(spec, bad)
+
+
+def test_one_rule_picks_layers_for_steppers_and_neuron_modules():
+    assert layer_indices(4, None, "layers", "neuron layer") == [0, 1, 2, 3]
+    assert layer_indices(4, [-1, 0, 3], "layers", "neuron layer") == [0, 3]
+    assert layer_indices(4, [torch.tensor(2)], "layers", "neuron layer") == [2]
+    with pytest.raises(ValueError, match=r"layers: expected neuron layer indices in \[-4, 3\], got \[4\]"):
+        layer_indices(4, [4], "layers", "neuron layer")
 
 
 def test_unroll_rejects_bad_input_and_state():

@@ -19,8 +19,9 @@ with spiking neurons need no stepper at all (:mod:`stablespike.neuron_twins`).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -167,23 +168,30 @@ def batch_first_to_time_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)
 
 
-def select_layers(spec: Sequence[StateSpec], layers: Optional[Sequence[int]]) -> Tuple[int, ...]:
-    """Indices of the continuous state tensors that belong to ``layers`` (all layers if None).
-
-    Negative layer indices count from the last layer, as in the seeds' ``lyap_layers=[-1]``.
-    """
-    all_layers = sorted({s.layer for s in spec})
+def layer_indices(count: int, layers: Optional[Sequence[int]], argument: str, what: str) -> List[int]:
+    """The sorted distinct indices in ``0..count-1`` that ``layers`` names (all if None); negative
+    indices count from the last layer, as in the seeds' ``lyap_layers=[-1]``. ``argument`` and
+    ``what`` ("layer", "neuron layer") name them in the error for an index out of range."""
     if layers is None:
-        chosen = set(all_layers)
-    else:
-        chosen = set()
-        for layer in layers:
-            if not -len(all_layers) <= int(layer) < len(all_layers):
-                raise ValueError(
-                    f"lyap_layers: expected layer indices in [-{len(all_layers)}, "
-                    f"{len(all_layers) - 1}], got {list(layers)!r}"
-                )
-            chosen.add(all_layers[int(layer)])
+        return list(range(count))
+    chosen = set()
+    for layer in layers:
+        try:
+            index = None if isinstance(layer, bool) else operator.index(layer)  # no 1.5, no True
+        except TypeError:
+            index = None
+        if index is None or not -count <= index < count:
+            raise ValueError(f"{argument}: expected {what} indices in [-{count}, {count - 1}], got "
+                             f"{list(layers)!r}")
+        chosen.add(index % count)
+    return sorted(chosen)
+
+
+def select_layers(spec: Sequence[StateSpec], layers: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """Indices of the continuous state tensors that belong to ``layers`` (all layers if None),
+    counted as :func:`layer_indices` counts them."""
+    all_layers = sorted({s.layer for s in spec})
+    chosen = {all_layers[i] for i in layer_indices(len(all_layers), layers, "lyap_layers", "layer")}
     picked = tuple(i for i, s in enumerate(spec) if s.continuous and s.layer in chosen)
     if not picked:
         raise ValueError(f"lyap_layers: the layers {layers!r} hold no continuous (membrane) state")

@@ -32,7 +32,7 @@ import torch
 
 from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
                        check_positive, check_tensor, user_stacklevel)
-from ..dynamics import run_twins, select_layers, state_spec_of
+from ..dynamics import layer_indices, run_twins, select_layers, state_spec_of
 from ..neuron_runs import ForwardFailed
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
@@ -164,7 +164,7 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     batch_dim = check_batch_dim(x, batch_dim)
     forward = forward or call_model
     neurons = find_layers(model)
-    chosen = _choose_neurons(len(neurons), layers)
+    chosen = layer_indices(len(neurons), layers, "layers", "neuron layer")
     if any(n.adapter.multistep(n.module, None) for n in neurons):
         renorm = "per_layer"  # layer after layer: the layers cannot be rescaled together
     rows = choose_rows(x.shape[batch_dim], fraction, x.device, generator)
@@ -239,18 +239,6 @@ class _RunState:
         generator, state = self.generator
         if generator is not None:
             generator.set_state(state)
-
-
-def _choose_neurons(count: int, layers) -> List[int]:
-    if layers is None:
-        return list(range(count))
-    chosen = []
-    for layer in layers:
-        if int(layer) != layer or not -count <= int(layer) < count:
-            raise ValueError(f"layers: expected neuron layer indices in [-{count}, {count - 1}] "
-                             f"(the model has {count} spiking-neuron modules), got {list(layers)!r}")
-        chosen.append(int(layer) % count)
-    return sorted(set(chosen))
 
 
 def _nominal_outputs(out, rows, dim: Optional[int], batch_dim: int, dtype):
