@@ -10,7 +10,11 @@ interleaved after a warm-up, and the medians are compared with the plain step:
 * ``fraction+r5`` — the same, measuring and renormalizing every 5 steps (``lyap_renorm_every=5``);
 * ``seed-style`` — the seeds' way, as a reference: seed 001's twin trajectory stepped separately
                    for the MLP (REFERENCES.md measured 2.1-2.3x on this machine), seed 002's P=2
-                   batched loop for the VGG.
+                   batched loop for the VGG;
+* ``+1/8 samples``, ``2x samples`` — the plain step on a batch with as many more samples as the
+                   fraction and the full estimate add twin rows: what the rows alone cost the model
+                   on this machine, with no estimate at all. (Twins skip the layers before the
+                   first neuron, so an estimate can come in a little under it.)
 
 Each model is measured in its own fresh Python process: what one model's steps leave in the
 memory allocator and the caches changed the next model's ratios by up to 1x.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -160,8 +165,21 @@ class UserModel(torch.nn.Module):
         return res.outputs.mean(0), res.exponent, None
 
 
-def make_step(model, x, y, variant: str, reg: LyapunovRegularizer):
+# the plain step on more samples: variant -> (share of the batch added, as the estimate adds twins)
+MORE_SAMPLES = {"+1/8 samples": 0.125, "2x samples": 1.0}
+
+
+def with_more_samples(x: torch.Tensor, y: torch.Tensor, share: float, batch_dim: int):
+    """``x`` and ``y`` with copies of their first ``ceil(share * B)`` samples appended."""
+    k = math.ceil(share * y.shape[0])
+    return torch.cat([x, x.narrow(batch_dim, 0, k)], dim=batch_dim), torch.cat([y, y[:k]])
+
+
+def make_step(model, x, y, variant: str, reg: LyapunovRegularizer, batch_dim: int = 0):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    if variant in MORE_SAMPLES:
+        x, y = with_more_samples(x, y, MORE_SAMPLES[variant], batch_dim)
+        variant = "plain"
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -189,14 +207,15 @@ def fraction_agreement(model, batches) -> dict:
     return means
 
 
-def bench_model(name, build, make_input, variants, args, reg, agreement_batches=20):
+def bench_model(name, build, make_input, variants, args, reg, agreement_batches=20, batch_dim=0):
     torch.manual_seed(0)
     x, y = make_input()
+    variants = variants + list(MORE_SAMPLES)
     models = {v: build() for v in variants}  # one model per variant: optimizer states stay apart
     for m in models.values():
         m.load_state_dict(models[variants[0]].state_dict())
         m.train()
-    steps = {v: make_step(models[v], x, y, v, reg) for v in variants}
+    steps = {v: make_step(models[v], x, y, v, reg, batch_dim) for v in variants}
     med, ratio = time_paired(steps, "plain", args.warmup, args.reps)
     row = {"model": name, "plain_ms": 1e3 * med["plain"]}
     for v in variants[1:]:
@@ -262,7 +281,7 @@ def bench_one(spec: str, args) -> dict:
             make = lambda: (torch.rand(1, B, 1, 28, 28).expand(T, B, 1, 28, 28), torch.randint(0, 10, (B,)))  # noqa: E731
         name = ("snnTorch tutorial-7 conv, 28x28, T=10 B=64" if spec == "snntorch-conv"
                 else "spikingjelly CSNN 32 ch, BN, 28x28, T=4 B=64")
-        return bench_model(name, build, make, variants, args, reg)
+        return bench_model(name, build, make, variants, args, reg, batch_dim=0 if spec == "snntorch-conv" else 1)
     variants += [] if args.no_seed_style else ["seed-style"]
     if spec.startswith("mlp:"):
         d, T, B = int(spec[4:]), 25, 64

@@ -21,7 +21,7 @@ def _models():
              torch.rand(4, 3, 8, 8), torch.randint(0, 3, (4,)))]
 
 
-@pytest.mark.parametrize("variant", list(bench.VARIANTS) + ["seed-style"])
+@pytest.mark.parametrize("variant", list(bench.VARIANTS) + ["seed-style"] + list(bench.MORE_SAMPLES))
 def test_every_variant_of_the_benchmark_step_trains(variant):
     reg = LyapunovRegularizer(weight=0.3, kind="squared", target=-0.1)
     for model, x, y in _models():
@@ -43,3 +43,11 @@ def test_the_seed_style_loop_is_seed_001s_below_threshold():
     r = torch.cat([torch.randn(4, h) for h in model.hidden_dims], dim=1)
     want = math.log(0.8) + float(r.norm(dim=1).log().mean()) / T
     assert abs(float(lam.detach()) - want) < 1e-4
+
+
+def test_more_samples_appends_copies_along_the_batch_dimension():
+    x, y = torch.arange(2 * 16.0).view(2, 16), torch.arange(16)  # (T, B)
+    x1, y1 = bench.with_more_samples(x, y, 0.125, batch_dim=1)
+    assert x1.shape == (2, 18) and torch.equal(x1[:, 16:], x[:, :2]) and y1.tolist() == list(range(16)) + [0, 1]
+    x2, y2 = bench.with_more_samples(x.T, y, 1.0, batch_dim=0)
+    assert x2.shape == (32, 2) and torch.equal(x2[16:], x.T) and len(y2) == 32
