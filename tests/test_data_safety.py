@@ -221,6 +221,23 @@ def test_idx_header_must_match_the_data(tmp_path):
             read_idx(str(tmp_path / name))
 
 
+def test_a_gzip_bomb_is_not_inflated_past_its_header(tmp_path):
+    """A small .gz whose data inflates far beyond the size its header declares (or whose header
+    declares more than max_bytes) is refused after reading at most the declared size + 1 byte."""
+    header = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 10)
+    (tmp_path / "bomb.gz").write_bytes(gzip.compress(header + bytes(100_000_000), compresslevel=9))
+    assert (tmp_path / "bomb.gz").stat().st_size < 1_000_000
+    with pytest.raises(ValueError, match="more than that"):
+        read_idx(str(tmp_path / "bomb.gz"))
+    big = bytes([0, 0, 0x08, 2]) + struct.pack(">2I", 60_000, 1_000_000)  # 60 GB declared
+    (tmp_path / "big.gz").write_bytes(gzip.compress(big + bytes(1000)))
+    with pytest.raises(ValueError, match="more than max_bytes"):
+        read_idx(str(tmp_path / "big.gz"))
+    (tmp_path / "small").write_bytes(header + bytes(10))
+    with pytest.raises(ValueError, match="max_bytes=5"):
+        read_idx(str(tmp_path / "small"), max_bytes=5)
+
+
 def test_idx_files_must_have_the_format_rank_and_type(tmp_path):
     write_idx_set(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((20, 1), np.uint8))  # labels 2-D

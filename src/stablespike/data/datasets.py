@@ -176,32 +176,45 @@ def _check_labels(labels, n: int, classes: int, path: str) -> np.ndarray:
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str) -> np.ndarray:
+# no IDX data set a user trains on comes near this (MNIST's training images: 47 MB); a header
+# declaring more is a crafted or corrupt file, and a .gz would be inflated that far before the
+# size check could fail
+IDX_MAX_BYTES = 1 << 32
+
+
+def read_idx(path: str, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
     """Parse an IDX file (optionally gzipped): two zero bytes, a type code, the number of dimensions,
     each dimension as a big-endian uint32, then exactly prod(dims) values. Returns the array with
-    those dimensions; any disagreement raises ValueError naming ``path``."""
+    those dimensions; any disagreement raises ValueError naming ``path``. Only the bytes the header
+    declares (plus one, to detect more) are read or inflated, and at most ``max_bytes``: a
+    gzip bomb stops at its header's size."""
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise ValueError(f"{path}: not an IDX file (bad magic number)")
+            if head[2] not in _IDX_TYPES:
+                raise ValueError(f"{path}: not an IDX file (unknown data type code 0x{head[2]:02X}; expected "
+                                 f"one of {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
+            dtype, ndim = np.dtype(_IDX_TYPES[head[2]]), head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need {4 + 4 * ndim} "
+                                 f"bytes, the file has {4 + len(raw_dims)}")
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+            expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow on crafted dimensions
+            if expected > max_bytes:
+                raise ValueError(f"{path}: the header says shape {dims} of {dtype.name} ({expected} bytes "
+                                 f"of data), more than max_bytes={max_bytes}")
+            data = f.read(expected + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
         raise ValueError(f"{path}: not a readable IDX file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
-    if raw[2] not in _IDX_TYPES:
-        raise ValueError(f"{path}: not an IDX file (unknown data type code 0x{raw[2]:02X}; expected one "
-                         f"of {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
-    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, "
-                         f"the file has {len(raw)}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow on crafted dimensions
-    if len(raw) - header != expected:
+    if len(data) != expected:
+        more = "more than" if len(data) > expected else f"{len(data)} bytes of data,"
         raise ValueError(f"{path}: the header says shape {dims} of {dtype.name} ({expected} bytes of "
-                         f"data), the file holds {len(raw) - header} bytes of data")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+                         f"data), the file holds {more} that")
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
 def _find(names: Sequence[str], dirs: List[str], what: str, how: str) -> List[str]:
