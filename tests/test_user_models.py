@@ -607,6 +607,34 @@ def test_a_forward_that_reshapes_to_xs_batch_size_gets_its_twins_with_x(below):
     if below:
         assert abs(float(res.exponent) - math.log(0.8)) < 0.01
     from stablespike.lyapunov.finite_difference import _TWINS_ENTER
-    assert _TWINS_ENTER[net] == "x"  # the try at the neurons failed, and is not made again
+    assert list(_TWINS_ENTER[net].values()) == ["x"]  # the try at the neurons failed, not made again
     again = finite_difference_lyapunov(net, x, eps=1e-2, fraction=0.4, generator=_gen(4))
     assert torch.isfinite(again.exponent)
+
+
+def _flattening_forward(net, x):
+    """The same network run by a user's own loop that flattens with ``flatten(1)``: twin rows
+    appended at the neurons pass through it."""
+    mems = [net.lif1.init_leaky(), net.lif2.init_leaky(), net.lif3.init_leaky()]
+    out = []
+    for x_t in x:
+        spk1, mems[0] = net.lif1(nn.functional.max_pool2d(net.bn1(net.conv1(x_t)), 2), mems[0])
+        spk2, mems[1] = net.lif2(nn.functional.max_pool2d(net.conv2(spk1), 2), mems[1])
+        spk3, mems[2] = net.lif3(net.fc1(spk2.flatten(1)), mems[2])
+        out.append(spk3)
+    return torch.stack(out)
+
+
+def test_where_the_twins_enter_is_remembered_per_forward():
+    """One model run by two forwards: the one that takes twin rows at the neurons must not make
+    the engine refuse the other (which needs x extended) on its first call."""
+    net = _batch_size_net(threshold=1e9)
+    reference = copy.deepcopy(net)
+    x = torch.rand(6, 5, 1, 12, 12, generator=_gen(2))
+    for forward in (_flattening_forward, lambda m, v: m(v)):
+        res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-2, fraction=0.4, generator=_gen(4))
+        assert_outputs_equal(res.outputs, forward(reference, x))
+        assert torch.allclose(net.bn1.running_mean, reference.bn1.running_mean, atol=1e-6)
+        assert abs(float(res.exponent) - math.log(0.8)) < 0.01
+    from stablespike.lyapunov.finite_difference import _TWINS_ENTER
+    assert sorted(_TWINS_ENTER[net].values()) == ["neurons", "x"]

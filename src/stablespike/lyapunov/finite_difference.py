@@ -22,6 +22,7 @@ Differences from the seeds, on purpose:
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -179,7 +180,7 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
             return estimate, driver, driver.run(forward, x_in)
         with cast_forward(model, forward, twin_dtype) as cast:
             return estimate, driver, driver.run(cast, x_in.to(twin_dtype) if x.is_floating_point() else x_in)
-    estimate, driver, out = _where_twins_enter(model, x, generator, attempt)
+    estimate, driver, out = _where_twins_enter(model, x, forward, generator, attempt)
     state_dtype = next(iter(driver.chosen[0].state.values())).dtype
     _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.chosen for s in n.state.values()),
                         state_dtype)
@@ -191,18 +192,28 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
         steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, batch_dim, dtype))
 
 
-# model -> where its twin rows enter: "neurons" (appended at the neurons' inputs, the layers
-# before the first neuron run once) or "x" (x extended: every layer runs on the twins too)
+# model -> {forward's code -> where its twin rows enter}: "neurons" (appended at the neurons'
+# inputs, the layers before the first neuron run once) or "x" (x extended: every layer runs on
+# the twins too). The same model may be run by forwards that differ in this.
 _TWINS_ENTER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _where_twins_enter(model, x, generator, attempt):
+def _forward_key(forward):
+    """What identifies a forward across calls: its code (a lambda written inside a training loop
+    is a new function object each step, with the same code), else the callable itself."""
+    fn = forward.func if isinstance(forward, functools.partial) else forward
+    return getattr(getattr(fn, "__func__", fn), "__code__", fn)
+
+
+def _where_twins_enter(model, x, forward, generator, attempt):
     """``attempt(at_neurons)`` at the neurons, or, for a model whose forward fails so (it
     reshapes a neuron's output to the batch size it read from ``x``, or mixes it with a tensor
     computed before the first neuron), with ``x`` extended, as that forward expects. The first
-    call on a model tries the neurons with its buffers and random state saved, restores them on
-    failure, and remembers what worked."""
-    where = _TWINS_ENTER.get(model)
+    call of a forward on a model tries the neurons with the model's buffers and random state
+    saved, restores them on failure, and remembers what worked for that model and forward."""
+    known = _TWINS_ENTER.setdefault(model, {})
+    key = _forward_key(forward)
+    where = known.get(key)
     if where != "x":
         saved = None if where == "neurons" else _RunState(model, x, generator)
         try:
@@ -212,10 +223,10 @@ def _where_twins_enter(model, x, generator, attempt):
                 raise
             saved.restore()
         else:
-            _TWINS_ENTER[model] = "neurons"
+            known[key] = "neurons"
             return result
     result = attempt(False)
-    _TWINS_ENTER[model] = "x"
+    known[key] = "x"
     return result
 
 
