@@ -18,6 +18,7 @@ The helpers are collectives: every rank must call them, in the same order.
 from __future__ import annotations
 
 import atexit
+import gc
 import copy
 import math
 import os
@@ -122,6 +123,10 @@ def _rank_device(device: str, local_rank: int) -> str:
 
 def _shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # a finished DDP wrapper left in a reference cycle still holds the process group; freed
+        # only at interpreter teardown, its gloo threads aborted the process ("terminate called
+        # without an active exception") in about 1 of 3 two-rank test runs, 0 of 16 with this
+        gc.collect()
         dist.destroy_process_group()
 
 
