@@ -638,3 +638,78 @@ def test_where_the_twins_enter_is_remembered_per_forward():
         assert abs(float(res.exponent) - math.log(0.8)) < 0.01
     from stablespike.lyapunov.finite_difference import _TWINS_ENTER
     assert sorted(_TWINS_ENTER[net].values()) == ["neurons", "x"]
+
+
+# --- state a forward carries over from one call to the next (no reset) -----------------------
+
+def _streaming_snntorch(threshold):
+    """snnTorch ``init_hidden=True`` Sequential run by a forward that does not reset it (its
+    membranes carry over from one call to the next, as in streaming inference)."""
+    import snntorch as snn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), snn.Leaky(beta=0.8, threshold=threshold, init_hidden=True),
+                        nn.Linear(8, 3), snn.Leaky(beta=0.8, threshold=threshold, init_hidden=True, output=True))
+
+    def forward(net, x):  # x (T, B, 5)
+        return torch.stack([net(x_t)[1] for x_t in x])
+    return net, forward, lambda n: n[1].mem
+
+
+def _streaming_spikingjelly(threshold):
+    """spikingjelly multi-step network whose forward does not call ``reset_net``."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 8), neuron.LIFNode(tau=2.0, v_threshold=threshold),
+                        layer.Linear(8, 3), neuron.LIFNode(tau=2.0, v_threshold=threshold))
+    functional.set_step_mode(net, "m")
+    return net, lambda net, x: net(x), lambda n: n[1].v
+
+
+@pytest.mark.parametrize("framework", ["snntorch", "spikingjelly"])
+@pytest.mark.parametrize("below", [False, True])
+def test_state_kept_from_an_earlier_call_is_the_twins_state_too(framework, below):
+    """A forward without a reset runs its neurons from the state the last call left: the twin
+    rows must start from their samples' kept state, so the outputs and the state left behind
+    equal a plain call's (the twins started from zero before: outputs differed by up to 1)."""
+    build = _streaming_snntorch if framework == "snntorch" else _streaming_spikingjelly
+    net, forward, state = build(1e9 if below else 0.5)
+    reference = copy.deepcopy(net)
+    x1, x2 = (2 * torch.rand(8, 4, 5, generator=_gen(s)) for s in (1, 2))
+    forward(net, x1), forward(reference, x1)
+    res = finite_difference_lyapunov(net, x2, forward=forward, eps=1e-3, fraction=0.5, generator=_gen(3))
+    assert_outputs_equal(res.outputs, forward(reference, x2))
+    assert torch.allclose(state(net), state(reference), atol=1e-6)
+    if below:
+        assert abs(float(res.exponent) - leak_exponent(net)) < 0.01
+        spectrum = tangent_spectrum(net, x2, forward=forward, k=2)
+        assert torch.allclose(spectrum.exponents.detach(), torch.full((2,), leak_exponent(net)), atol=0.01)
+
+
+def test_the_fallback_restores_the_state_the_neurons_kept():
+    """A forward that needs x extended and does not reset its neurons: the failed try at the
+    neurons advanced them; the retry must start from the state before it (outputs and the state
+    left behind equal a plain call's; without the restore the kept state is one step ahead)."""
+    import snntorch as snn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.lif1 = nn.Conv2d(1, 4, 3), snn.Leaky(beta=0.8, threshold=0.5, init_hidden=True)
+            self.fc1 = nn.Linear(4 * 5 * 5, 3)
+            self.lif2 = snn.Leaky(beta=0.8, threshold=1e9, init_hidden=True, output=True)
+
+        def forward(self, x):  # (T, B, 1, 12, 12)
+            batch_size, out = x.shape[1], []
+            for x_t in x:
+                spk1 = self.lif1(nn.functional.max_pool2d(self.conv1(x_t), 2))
+                out.append(self.lif2(self.fc1(spk1.view(batch_size, -1)))[1])
+            return torch.stack(out)
+
+    torch.manual_seed(0)
+    net = Net()
+    reference = copy.deepcopy(net)
+    x1, x2 = (2 * torch.rand(5, 6, 1, 12, 12, generator=_gen(s)) for s in (1, 2))
+    net(x1), reference(x1)
+    res = finite_difference_lyapunov(net, x2, eps=1e-3, fraction=0.5, generator=_gen(3))
+    assert_outputs_equal(res.outputs, reference(x2))
+    assert torch.allclose(net.lif1.mem, reference.lif1.mem, atol=1e-6)

@@ -135,6 +135,11 @@ class NeuronRun(abc.ABC):
         first neuron, given the extra rows along ``dim`` (drivers with ``appends_rows``)."""
         return t
 
+    def carried(self, t: torch.Tensor) -> torch.Tensor:
+        """A state of ``nominal`` rows that a neuron kept from an earlier call, with the extra
+        rows (each a copy of the sample it belongs to)."""
+        raise NotImplementedError(f"{type(self).__name__} adds rows but cannot extend a kept state")
+
     def entering(self) -> None:
         """Called as a neuron is entered (a subclass may note that the extra rows exist now)."""
 
@@ -154,6 +159,8 @@ class NeuronRun(abc.ABC):
         handles = []
         try:
             for n in self.neurons:
+                if self.rows != self.nominal:
+                    _carry_rows(n.module, self.nominal, self.carried)
                 if n.multistep:
                     _give_stepwise_forward(self, n)
                     continue
@@ -381,19 +388,36 @@ def _swap_at(places: list, replace: Replacement) -> bool:
     return found
 
 
-def _keep_rows(module: nn.Module, layout: RowLayout) -> None:
-    """The state a neuron keeps (not its parameters or persistent buffers) restricted to the
-    samples' rows."""
+def kept_state(module: nn.Module):
+    """``(container, key, tensor)`` for every tensor a neuron keeps between calls (not its
+    parameters or persistent buffers): plain attributes, non-persistent buffers (snnTorch's
+    ``mem``), and dictionaries of state such as spikingjelly's memories."""
     fixed = set(module.state_dict(keep_vars=True)) | {"_parameters", "_modules"}
     for key, value in list(vars(module).items()):
         if key in fixed:
             continue
-        if isinstance(value, torch.Tensor):  # spikingjelly's ``v_seq`` is (T, B, ...)
-            setattr(module, key, nominal_rows(value, layout, time_first=key.endswith("_seq")))
+        if isinstance(value, torch.Tensor):
+            yield vars(module), key, value
         elif isinstance(value, dict):
-            for k, v in list(value.items()):
-                if isinstance(v, torch.Tensor) and k not in fixed:
-                    value[k] = nominal_rows(v, layout, time_first=k.endswith("_seq"))
+            yield from ((value, k, v) for k, v in list(value.items())
+                        if isinstance(v, torch.Tensor) and k not in fixed)
+
+
+def _keep_rows(module: nn.Module, layout: RowLayout) -> None:
+    """The state a neuron keeps restricted to the samples' rows (spikingjelly's ``v_seq`` is
+    ``(T, B, ...)``)."""
+    for container, key, value in kept_state(module):
+        container[key] = nominal_rows(value, layout, time_first=key.endswith("_seq"))
+
+
+def _carry_rows(module: nn.Module, nominal: int, extend: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """State a neuron carried over from an earlier call (a forward that does not reset its
+    neurons) given the extra rows, as the samples it belongs to: without them the framework
+    would start the extra rows from zero (snnTorch resets a state whose shape differs from the
+    input's) or fail on the shapes."""
+    for container, key, value in kept_state(module):
+        if value.dim() > 0 and value.shape[0] == nominal and not key.endswith("_seq"):
+            container[key] = extend(value)
 
 
 def cast_floats(obj, dtype: torch.dtype):

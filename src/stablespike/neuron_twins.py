@@ -56,6 +56,9 @@ class ModuleTwins(NeuronRun):
     def extend(self, t, dim):
         return self.twin_rows.extend(t, dim)
 
+    def carried(self, t):
+        return self.twin_rows.extend(t, 0)
+
     def entering(self) -> None:
         self.twin_rows.started = True
 

@@ -34,7 +34,7 @@ import torch
 from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
                        check_positive, check_tensor, user_stacklevel)
 from ..dynamics import layer_indices, run_twins, select_layers, state_spec_of
-from ..neuron_runs import ForwardFailed
+from ..neuron_runs import ForwardFailed, kept_state
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
 from ..twins import RENORM_MODES, TwinEstimate, choose_rows
@@ -180,7 +180,7 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
             return estimate, driver, driver.run(forward, x_in)
         with cast_forward(model, forward, twin_dtype) as cast:
             return estimate, driver, driver.run(cast, x_in.to(twin_dtype) if x.is_floating_point() else x_in)
-    estimate, driver, out = _where_twins_enter(model, x, forward, generator, attempt)
+    estimate, driver, out = _where_twins_enter(model, neurons, x, forward, generator, attempt)
     state_dtype = next(iter(driver.chosen[0].state.values())).dtype
     _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.chosen for s in n.state.values()),
                         state_dtype)
@@ -205,7 +205,7 @@ def _forward_key(forward):
     return getattr(getattr(fn, "__func__", fn), "__code__", fn)
 
 
-def _where_twins_enter(model, x, forward, generator, attempt):
+def _where_twins_enter(model, neurons, x, forward, generator, attempt):
     """``attempt(at_neurons)`` at the neurons, or, for a model whose forward fails so (it
     reshapes a neuron's output to the batch size it read from ``x``, or mixes it with a tensor
     computed before the first neuron), with ``x`` extended, as that forward expects. The first
@@ -215,7 +215,7 @@ def _where_twins_enter(model, x, forward, generator, attempt):
     key = _forward_key(forward)
     where = known.get(key)
     if where != "x":
-        saved = None if where == "neurons" else _RunState(model, x, generator)
+        saved = None if where == "neurons" else _RunState(model, neurons, x, generator)
         try:
             result = attempt(True)
         except ForwardFailed:
@@ -231,10 +231,14 @@ def _where_twins_enter(model, x, forward, generator, attempt):
 
 
 class _RunState:
-    """A model's buffers (batch-norm statistics) and the random states a forward draws from."""
+    """A model's buffers (batch-norm statistics), the state its neurons kept from an earlier
+    call, and the random states a forward draws from."""
 
-    def __init__(self, model, x: torch.Tensor, generator: Optional[torch.Generator]):
+    def __init__(self, model, neurons, x: torch.Tensor, generator: Optional[torch.Generator]):
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # the frameworks assign a neuron's new state rather than write into it: the tensors
+        # themselves are the state before the call
+        self.kept = [entry for n in neurons for entry in kept_state(n.module)]
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         self.generator = generator, (generator.get_state() if generator is not None else None)
@@ -244,6 +248,8 @@ class _RunState:
         with torch.no_grad():
             for b, value in self.buffers:
                 b.copy_(value)
+        for container, key, value in self.kept:
+            container[key] = value
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)

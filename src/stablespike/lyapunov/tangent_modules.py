@@ -49,6 +49,9 @@ class ModuleTangents(NeuronRun):
     def due(self, step: int) -> bool:
         return (step + 1) % self.t_ons == 0
 
+    def carried(self, t: torch.Tensor) -> torch.Tensor:
+        return self.copies.extend(t, 0)
+
     def step_input(self, n: Neuron, x_t: torch.Tensor) -> torch.Tensor:
         return fwAD.unpack_dual(x_t).primal  # a layer on its own: its diagonal block only
 
