@@ -138,7 +138,8 @@ class NeuronRun(abc.ABC):
     def carried(self, t: torch.Tensor) -> torch.Tensor:
         """A state of ``nominal`` rows that a neuron kept from an earlier call, with the extra
         rows (each a copy of the sample it belongs to)."""
-        raise NotImplementedError(f"{type(self).__name__} adds rows but cannot extend a kept state")
+        raise TypeError(f"{type(self).__name__} adds rows but defines no carried(): a kept state "
+                        "would meet inputs of another size")
 
     def entering(self) -> None:
         """Called as a neuron is entered (a subclass may note that the extra rows exist now)."""
