@@ -713,3 +713,19 @@ def test_the_fallback_restores_the_state_the_neurons_kept():
     res = finite_difference_lyapunov(net, x2, eps=1e-3, fraction=0.5, generator=_gen(3))
     assert_outputs_equal(res.outputs, reference(x2))
     assert torch.allclose(net.lif1.mem, reference.lif1.mem, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["snntorch", "spikingjelly"])
+def test_an_estimate_in_float64_leaves_the_state_in_the_models_precision(framework):
+    """twin_dtype=float64 runs the neurons in float64; the state they keep must come back as a
+    plain call leaves it (float32), or the next call computes in float64 (snnTorch's
+    init_leaky() copies the kept mem's dtype) or fails on a float32 layer."""
+    build = _streaming_snntorch if framework == "snntorch" else _streaming_spikingjelly
+    net, forward, state = build(0.5)
+    reference = copy.deepcopy(net)
+    x1, x2 = (2 * torch.rand(8, 4, 5, generator=_gen(s)) for s in (1, 2))
+    finite_difference_lyapunov(net, x1, forward=forward, eps=1e-3, twin_dtype=torch.float64,
+                               generator=_gen(3))
+    forward(reference, x1)
+    assert state(net).dtype == state(reference).dtype == torch.float32
+    assert_outputs_equal(forward(net, x2), forward(reference, x2))

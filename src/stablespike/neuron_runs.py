@@ -96,6 +96,8 @@ class NeuronRun(abc.ABC):
     run (:meth:`finish`). ``rows``: the number of rows every state must have."""
 
     rows_added = "along batch_dim"  # where the extra rows enter, for error messages
+    # floating state the neurons keep is cast back to it after the run (None: left as it is)
+    kept_dtype: Optional[torch.dtype] = None
 
     def __init__(self, model: nn.Module, layers: Sequence[Layer], chosen: Sequence[int],
                  rows: int, nominal: int, joint: bool):
@@ -186,7 +188,7 @@ class NeuronRun(abc.ABC):
                 h.remove()
             for n in self.neurons:
                 n.module.__dict__.pop("forward", None) if _is_stepwise(n.module) else None
-                _keep_rows(n.module, RowLayout(self.nominal, self.rows))
+                _keep_rows(n.module, RowLayout(self.nominal, self.rows), self.kept_dtype)
 
     @_eager  # bookkeeping by identity: under torch.compile a graph break per call
     def _before_call(self, n: Neuron, module, args, kwargs):
@@ -404,11 +406,15 @@ def kept_state(module: nn.Module):
                         if isinstance(v, torch.Tensor) and k not in fixed)
 
 
-def _keep_rows(module: nn.Module, layout: RowLayout) -> None:
+def _keep_rows(module: nn.Module, layout: RowLayout, dtype: Optional[torch.dtype] = None) -> None:
     """The state a neuron keeps restricted to the samples' rows (spikingjelly's ``v_seq`` is
-    ``(T, B, ...)``)."""
+    ``(T, B, ...)``) and, given ``dtype``, its floating tensors cast to it (a run in another
+    precision must leave the state a plain call leaves: the next call starts from it)."""
     for container, key, value in kept_state(module):
-        container[key] = nominal_rows(value, layout, time_first=key.endswith("_seq"))
+        value = nominal_rows(value, layout, time_first=key.endswith("_seq"))
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        container[key] = value
 
 
 def _carry_rows(module: nn.Module, nominal: int, extend: Callable[[torch.Tensor], torch.Tensor]) -> None:

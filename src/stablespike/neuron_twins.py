@@ -25,7 +25,8 @@ class ModuleTwins(NeuronRun):
 
     def __init__(self, model: nn.Module, layers: Sequence[Layer], chosen: Sequence[int],
                  estimate: TwinEstimate, generator: Optional[torch.Generator],
-                 dtype: Optional[torch.dtype] = None, at_neurons: bool = True):
+                 dtype: Optional[torch.dtype] = None, at_neurons: bool = True,
+                 model_dtype: Optional[torch.dtype] = None):
         rows = estimate.rows
         # at_neurons: the twin rows are appended at the neurons' inputs; else x comes extended
         self.appends_rows = at_neurons
@@ -34,6 +35,8 @@ class ModuleTwins(NeuronRun):
         # floating outputs of the neurons are cast to it: snnTorch's spike functions return
         # float32 whatever the membrane's dtype, which a float64 run must not see
         self.dtype = dtype
+        # the state the neurons keep goes back to the model's precision, as a plain call leaves it
+        self.kept_dtype = model_dtype if dtype is not None else None
 
     @property
     def rows_added(self) -> str:

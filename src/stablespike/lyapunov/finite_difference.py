@@ -170,11 +170,12 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
         renorm = "per_layer"  # layer after layer: the layers cannot be rescaled together
     rows = choose_rows(x.shape[batch_dim], fraction, x.device, generator)
     groups = len(chosen) if renorm == "per_layer" else 1
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
     def attempt(at_neurons: bool):
         estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every, discard=discard,
                                 count_flips=count_flips)
-        driver = ModuleTwins(model, neurons, chosen, estimate, generator, twin_dtype, at_neurons)
+        driver = ModuleTwins(model, neurons, chosen, estimate, generator, twin_dtype, at_neurons, dtype)
         x_in = x if at_neurons else rows.extend(x, dim=batch_dim)
         if twin_dtype is None:
             return estimate, driver, driver.run(forward, x_in)
@@ -185,7 +186,6 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     _warn_if_unresolved(eps, sum(s[0].numel() for n in driver.chosen for s in n.state.values()),
                         state_dtype)
     per_sample = estimate.per_sample()
-    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     return FiniteDifferenceResult(
         exponent=per_sample.mean().to(dtype), per_sample=per_sample.to(dtype),
         sample_index=rows.index, flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
