@@ -174,6 +174,19 @@ def test_outputs_equal_plain_forward(name):
     assert_outputs_equal(res.outputs, want)
 
 
+
+def test_an_output_with_two_dimensions_of_the_extended_batch_size_asks_which_one():
+    """A static input's forward returns (T, B + K, C) records: with T == B + K (10 steps, 8
+    samples, 2 twins) the shape cannot tell time from samples. x's batch_dim (0) would cut the
+    records along time: an error naming output_batch_dim, and with it the plain outputs."""
+    case = make("snntorch_tutorial5", T=10, B=8)
+    with pytest.raises(ValueError, match=r"output_batch_dim: .*several dimensions \(0, 1\)"):
+        finite_difference_lyapunov(case.model, case.x, eps=1e-2, fraction=0.25, generator=_gen(4), **case.kw)
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, fraction=0.25, generator=_gen(4),
+                                     output_batch_dim=1, **case.kw)
+    with torch.no_grad():
+        assert_outputs_equal(res.outputs, case.plain())
+
 @pytest.mark.parametrize("fraction", [1.0, 0.25])
 def test_spikingjelly_batchnorm_running_stats_equal_plain_forward_in_training(fraction):
     """With fraction 0.25 the first batch norm's T * B = 20 rows (before the first neuron, where
@@ -181,8 +194,9 @@ def test_spikingjelly_batchnorm_running_stats_equal_plain_forward_in_training(fr
     case = make("spikingjelly_csnn", T=5, B=4)
     case.model.train()
     reference = copy.deepcopy(case.model)
+    # output_batch_dim: with fraction 0.25 the B + K = 5 rows tie with T = 5 in the (T, B, C) output
     res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, generator=_gen(5), fraction=fraction,
-                                     **case.kw)
+                                     output_batch_dim=1, **case.kw)
     want = case.plain(reference)
     assert_outputs_equal(res.outputs, want)
     bns = [m for m in case.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -215,7 +229,7 @@ def test_layers_before_the_first_neuron_run_on_the_samples_only():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_large_eps_flips_and_gradient_reaches_first_layer(name):
-    case = make(name, T=8, B=4)
+    case = make(name, T=8, B=3)
     case.model.zero_grad()
     res = finite_difference_lyapunov(case.model, case.x, eps=1.0, generator=_gen(6), **case.kw)
     assert 0.0 < res.flip_fraction <= 1.0
@@ -292,8 +306,9 @@ def test_analyze_dynamics_below_threshold(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_fraction_estimates_a_quarter_and_returns_all_outputs(name):
-    case = make(name, T=5, B=8)
-    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, fraction=0.25, generator=_gen(10), **case.kw)
+    case = make(name, T=5, B=8)  # B + K = 10 rows tie with the conv nets' 10 classes: output_batch_dim
+    res = finite_difference_lyapunov(case.model, case.x, eps=1e-2, fraction=0.25, generator=_gen(10),
+                                     output_batch_dim=1, **case.kw)
     assert res.per_sample.shape == (2,)
     assert res.sample_index.shape == (2,)
     assert len(set(res.sample_index.tolist())) == 2
@@ -452,7 +467,7 @@ def test_a_firing_rate_monitor_sees_the_samples_only_during_an_estimate(name):
     """A monitor hooked into the user's model while an estimate runs on it counts what a plain
     forward on the samples counts (the twin rows are left out through stablespike.context)."""
     from stablespike import FiringRateMonitor
-    case = make(name, T=6, B=4)
+    case = make(name, T=7, B=4)
     forward = case.forward or (lambda m, x: m(x))
     plain_model = copy.deepcopy(case.model)
     with FiringRateMonitor(plain_model) as plain:
@@ -725,7 +740,56 @@ def test_an_estimate_in_float64_leaves_the_state_in_the_models_precision(framewo
     reference = copy.deepcopy(net)
     x1, x2 = (2 * torch.rand(8, 4, 5, generator=_gen(s)) for s in (1, 2))
     finite_difference_lyapunov(net, x1, forward=forward, eps=1e-3, twin_dtype=torch.float64,
-                               generator=_gen(3))
+                               fraction=0.5, generator=_gen(3))
     forward(reference, x1)
     assert state(net).dtype == state(reference).dtype == torch.float32
     assert_outputs_equal(forward(net, x2), forward(reference, x2))
+
+
+def test_without_a_generator_the_dropout_masks_are_a_plain_calls():
+    """The estimate's own draws must not shift the dropout masks the model draws from torch's
+    global generator: under the same seed, .outputs equal a plain call's (a quarter of the
+    spikes differed when the twin rows and directions came from the global generator)."""
+    import snntorch as snn
+
+    class Net(nn.Module):  # tutorial 5 with dropout, in training mode
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.lif1 = nn.Linear(6, 20), snn.Leaky(beta=0.9)
+            self.drop, self.fc2, self.lif2 = nn.Dropout(0.5), nn.Linear(20, 3), snn.Leaky(beta=0.9)
+
+        def forward(self, x):
+            mem1, mem2, spk_rec = self.lif1.init_leaky(), self.lif2.init_leaky(), []
+            for _ in range(10):
+                spk1, mem1 = self.lif1(self.fc1(x), mem1)
+                spk2, mem2 = self.lif2(self.fc2(self.drop(spk1)), mem2)
+                spk_rec.append(spk2)
+            return torch.stack(spk_rec)
+
+    torch.manual_seed(0)
+    net, x = Net().train(), 3 * torch.rand(5, 6)
+    with torch.no_grad():
+        net.fc2.weight.mul_(4)
+    torch.manual_seed(1)
+    res = finite_difference_lyapunov(net, x, batch_dim=0, eps=1e-2, fraction=0.5)
+    torch.manual_seed(1)
+    want = net(x)
+    assert want.sum() > 0
+    assert torch.equal(res.outputs, want)
+    torch.manual_seed(1)
+    again = finite_difference_lyapunov(net, x, batch_dim=0, eps=1e-2, fraction=0.5)
+    assert torch.equal(again.per_sample, res.per_sample)  # reproducible under torch.manual_seed
+
+
+@pytest.mark.parametrize("framework", ["snntorch", "spikingjelly"])
+def test_a_failed_first_call_leaves_the_kept_state_as_it_was(framework):
+    """A wrong batch_dim fails once the neurons have run a step: the state a streaming forward
+    carries over must be the one from before the call (it was one step ahead)."""
+    build = _streaming_snntorch if framework == "snntorch" else _streaming_spikingjelly
+    net, forward, state = build(0.5)
+    forward(net, 2 * torch.rand(8, 4, 5, generator=_gen(1)))
+    before = state(net).clone()
+    with pytest.raises(ValueError, match="batch_dim"):
+        finite_difference_lyapunov(net, 2 * torch.rand(8, 4, 5, generator=_gen(2)), forward=forward,
+                                   batch_dim=2, eps=1e-3)
+    assert torch.equal(state(net), before)

@@ -12,9 +12,10 @@ hands it, grouped by layer. The drivers (:mod:`stablespike.dynamics` for stepper
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -93,6 +94,25 @@ def choose_rows(batch: int, fraction: float, device, generator: Optional[torch.G
         return TwinRows(batch, torch.arange(batch, device=device))
     perm = torch.randperm(batch, generator=generator, device="cpu")[:k]
     return TwinRows(batch, perm.sort().values.to(device))
+
+
+@contextlib.contextmanager
+def drawing_aside(generator: Optional[torch.Generator]) -> Iterator[torch.Generator]:
+    """``generator``, or where it is None a CPU generator seeded from torch's global one, which
+    is then left as it was until the block ends and advanced by one draw after it. An estimate
+    draws (twin rows, directions) while the model runs; from the global generator those draws
+    would shift the random numbers the model draws after them (dropout masks), so its outputs
+    would not be a plain call's. The draw after the block makes the next estimate differ."""
+    if generator is not None:
+        yield generator
+        return
+    state = torch.get_rng_state()
+    seed = int(torch.randint(0, 2 ** 62, ()))
+    torch.set_rng_state(state)
+    try:
+        yield torch.Generator().manual_seed(seed)
+    finally:
+        torch.randint(0, 2, ())
 
 
 def squared_norm(diffs: Sequence[torch.Tensor]) -> torch.Tensor:

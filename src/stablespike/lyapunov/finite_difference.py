@@ -37,7 +37,7 @@ from ..dynamics import layer_indices, run_twins, select_layers, state_spec_of
 from ..neuron_runs import ForwardFailed, kept_state
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
-from ..twins import RENORM_MODES, TwinEstimate, choose_rows
+from ..twins import RENORM_MODES, TwinEstimate, choose_rows, drawing_aside
 from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 from .precision import cast_forward, maybe_cast
 
@@ -119,8 +119,8 @@ def finite_difference_lyapunov(
         batch_dim: the dimension of ``x`` that indexes samples: 1 for time-first ``(T, B, ...)``,
             0 for a static ``(B, ...)`` input that the forward repeats over time.
         output_batch_dim: the dimension of every output that indexes samples; default: the one
-            dimension whose size is the extended batch, or ``batch_dim`` when several are (an
-            error names this argument when that does not decide).
+            dimension whose size is the extended batch (samples + twins). When several are (a
+            ``(T, B + K, C)`` record with ``T == B + K``), an error asks for this argument.
         eps: perturbation norm per sample, over the concatenated perturbed state.
         layers: indices of the layers (neurons in module order, or stepper layers) whose
             continuous state is perturbed and measured (negative counts from the last); default all.
@@ -136,7 +136,10 @@ def finite_difference_lyapunov(
         discard: leading measured steps left out of the average (transient); with
             ``renorm_every > 1`` rounded up to the start of a renormalization interval.
         count_flips: count spike flips between twins (a diagnostic).
-        generator: seeds the perturbation direction and the sub-batch choice.
+        generator: seeds the perturbation direction and the sub-batch choice. Default: a
+            generator seeded from torch's global one, whose stream the model's own draws
+            (dropout masks) then use as in a plain call (``.outputs`` equal a plain call's under
+            the same seed); the global generator is advanced by one draw afterwards.
         record_states: (steppers) keep the nominal state of every step in ``result.states``.
 
     Steps: a stepper's initial state is perturbed, and all ``T`` steps are measured. In a module
@@ -153,8 +156,9 @@ def finite_difference_lyapunov(
     check_bool(record_states, "record_states")
     check_generator(generator)
     if uses_neurons(model, forward):
-        return _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm, fraction,
-                                twin_dtype, int(renorm_every), int(discard), count_flips, generator)
+        with drawing_aside(generator) as generator:  # the model's own draws (dropout) stay a plain call's
+            return _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers, renorm,
+                                    fraction, twin_dtype, int(renorm_every), int(discard), count_flips, generator)
     require_stepper(model)
     return _stepper_estimate(model, x, eps, layers, renorm, fraction, twin_dtype,
                              int(renorm_every), int(discard), count_flips, generator, record_states)
@@ -189,7 +193,7 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     return FiniteDifferenceResult(
         exponent=per_sample.mean().to(dtype), per_sample=per_sample.to(dtype),
         sample_index=rows.index, flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
-        steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, batch_dim, dtype))
+        steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, dtype))
 
 
 # model -> {forward's code -> where its twin rows enter}: "neurons" (appended at the neurons'
@@ -210,7 +214,8 @@ def _where_twins_enter(model, neurons, x, forward, generator, attempt):
     reshapes a neuron's output to the batch size it read from ``x``, or mixes it with a tensor
     computed before the first neuron), with ``x`` extended, as that forward expects. The first
     call of a forward on a model tries the neurons with the model's buffers and random state
-    saved, restores them on failure, and remembers what worked for that model and forward."""
+    saved, restores them on failure (and on any error of that first call, which then passes
+    through), and remembers what worked for that model and forward."""
     known = _TWINS_ENTER.setdefault(model, {})
     key = _forward_key(forward)
     where = known.get(key)
@@ -222,10 +227,20 @@ def _where_twins_enter(model, neurons, x, forward, generator, attempt):
             if saved is None:
                 raise
             saved.restore()
+        except Exception:
+            if saved is not None:  # an error leaves the model as it was (e.g. a wrong batch_dim)
+                saved.restore()
+            raise
         else:
             known[key] = "neurons"
             return result
-    result = attempt(False)
+        try:
+            result = attempt(False)
+        except Exception:
+            saved.restore()
+            raise
+    else:
+        result = attempt(False)
     known[key] = "x"
     return result
 
@@ -258,25 +273,29 @@ class _RunState:
             generator.set_state(state)
 
 
-def _nominal_outputs(out, rows, dim: Optional[int], batch_dim: int, dtype):
+def _nominal_outputs(out, rows, dim: Optional[int], dtype):
     """``out`` (a tensor or a tuple/list of tensors or None) restricted to the samples' rows:
-    along ``dim``, else along the one dimension of the extended batch's size, else (several)
-    along ``batch_dim`` when it is one of them."""
+    along ``dim``, else along the one dimension of the extended batch's size. Where several
+    dimensions have that size the shape cannot tell which one indexes the samples (x's
+    ``batch_dim`` cannot either: a forward may reduce over time, or stack time in front of a
+    static input's samples), so that is an error naming ``output_batch_dim``."""
     if isinstance(out, (tuple, list)):
-        return type(out)(_nominal_outputs(o, rows, dim, batch_dim, dtype) if o is not None else None
+        return type(out)(_nominal_outputs(o, rows, dim, dtype) if o is not None else None
                          for o in out)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"forward: expected it to return a tensor or a tuple of tensors, got "
                          f"{type(out).__name__}")
     dims = [d for d in range(out.dim()) if out.shape[d] == rows.total]
     what = f"size {rows.total} (the {rows.batch} samples and {rows.twins} twins)"
-    if dim is None and len(dims) > 1 and batch_dim in dims:
-        dim = batch_dim
-    if dim is None and len(dims) != 1:
+    if dim is None and len(dims) > 1:
         raise ValueError(
-            f"batch_dim: an output of forward has shape {tuple(out.shape)}, with "
-            f"{'no dimension' if not dims else 'several dimensions'} of {what}; is batch_dim the "
-            "dimension of x that indexes samples?" + (" Pass output_batch_dim." if dims else ""))
+            f"output_batch_dim: an output of forward has shape {tuple(out.shape)}, with several "
+            f"dimensions ({', '.join(map(str, dims))}) of {what}, so which one indexes the samples "
+            "cannot be told from its shape; pass output_batch_dim (the same for every output)")
+    if dim is None and not dims:
+        raise ValueError(
+            f"batch_dim: an output of forward has shape {tuple(out.shape)}, with no dimension of "
+            f"{what}; is batch_dim the dimension of x that indexes samples?")
     dim = dims[0] if dim is None else dim
     if not -out.dim() <= dim < out.dim() or out.shape[dim] != rows.total:
         raise ValueError(f"output_batch_dim: expected a dimension of {what} in every output, "
