@@ -52,6 +52,8 @@ from stablespike import LyapunovRegularizer, SpikingMLP, SpikingVGG, finite_diff
 from _timing import time_paired
 
 warnings.filterwarnings("ignore", message="eps=", category=RuntimeWarning)
+# the CSNN is multi-step: per-layer renormalization is what it gets, as the docs say
+warnings.filterwarnings("ignore", message="finite_difference_lyapunov: the model's multi-step", category=RuntimeWarning)
 
 
 def seed_style_forward(model: SpikingMLP, x: torch.Tensor, eps: float):

@@ -793,3 +793,23 @@ def test_a_failed_first_call_leaves_the_kept_state_as_it_was(framework):
         finite_difference_lyapunov(net, 2 * torch.rand(8, 4, 5, generator=_gen(2)), forward=forward,
                                    batch_dim=2, eps=1e-3)
     assert torch.equal(state(net), before)
+
+
+def test_multi_step_layers_are_renormalized_each_to_its_share_with_a_warning():
+    """A multi-step network runs layer after layer, so its layers are renormalized each on its
+    own: below threshold, with leaks 0.5 and 0.8, each layer's twin shrinks by its leak per step
+    and the exponent is 0.5 ln((0.5^2 + 0.8^2) / 2), not ln 0.8. Asked for global, it says so."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 8), neuron.LIFNode(tau=2.0, v_threshold=1e9),
+                        layer.Linear(8, 3), neuron.LIFNode(tau=5.0, v_threshold=1e9))
+    functional.set_step_mode(net, "m")
+    x = torch.rand(12, 4, 5, generator=_gen(1))
+    with pytest.warns(RuntimeWarning, match="renormalized to its share"):
+        res = finite_difference_lyapunov(net, x, forward=_sj_forward, eps=1e-3, generator=_gen(2))
+    assert res.renorm == "per_layer"
+    assert abs(float(res.exponent) - 0.5 * math.log((0.5 ** 2 + 0.8 ** 2) / 2)) < 0.01
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        finite_difference_lyapunov(net, x, forward=_sj_forward, eps=1e-3, renorm="per_layer", generator=_gen(2))

@@ -126,13 +126,17 @@ def finite_difference_lyapunov(
             continuous state is perturbed and measured (negative counts from the last); default all.
         renorm: ``"global"``: one scale per sample over all chosen layers (textbook Benettin);
             ``"per_layer"``: each layer's part rescaled to ``eps / sqrt(L)`` (seed 001's variant;
-            always used for multi-step neurons, which run a whole sequence per call).
+            the exponent is 0.5 ln of the mean over layers of their squared growth per step).
+            Always used for multi-step neurons, which run a whole sequence per call (with a
+            warning when ``global`` was asked for several layers).
         fraction: estimate on a random ``ceil(fraction * B)`` samples only; the others run
             without twins, so a regularized training step costs little more than a plain one.
         twin_dtype: e.g. ``torch.float64``: run the model (samples and twins) in that precision;
             gradients still reach the model's own parameters.
         renorm_every: measure and renormalize every this many steps (and at the last step),
-            Benettin's interval tau. Identical for linear dynamics; fewer operations per step.
+            Benettin's interval tau. Identical for linear dynamics with global renormalization
+            (per layer it is not: the layers' shares are reset at different rates); fewer
+            operations per step.
         discard: leading measured steps left out of the average (transient); with
             ``renorm_every > 1`` rounded up to the start of a renormalization interval.
         count_flips: count spike flips between twins (a diagnostic).
@@ -171,6 +175,8 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     neurons = find_layers(model)
     chosen = layer_indices(len(neurons), layers, "layers", "neuron layer")
     if any(n.adapter.multistep(n.module, None) for n in neurons):
+        if renorm == "global" and len(chosen) > 1:
+            _warn_per_layer(len(chosen))
         renorm = "per_layer"  # layer after layer: the layers cannot be rescaled together
     rows = choose_rows(x.shape[batch_dim], fraction, x.device, generator)
     groups = len(chosen) if renorm == "per_layer" else 1
@@ -194,6 +200,17 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
         exponent=per_sample.mean().to(dtype), per_sample=per_sample.to(dtype),
         sample_index=rows.index, flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
         steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, dtype))
+
+
+def _warn_per_layer(layers: int) -> None:
+    warnings.warn(
+        f"finite_difference_lyapunov: the model's multi-step neurons run a whole sequence per call, "
+        f"layer after layer, so its {layers} layers cannot be renormalized together: each is "
+        "renormalized to its share eps / sqrt(L) (renorm='per_layer'). The exponent is then "
+        "0.5 ln of the mean over layers of their squared growth per step, the largest exponent "
+        "only where the layers grow alike (layers with leaks 0.5 and 0.8 give -0.40, not ln 0.8). "
+        "Pass renorm='per_layer' to accept it, layers=[i] to measure one layer, or use "
+        "tangent_spectrum for the largest exponent.", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 # model -> {forward's code -> where its twin rows enter}: "neurons" (appended at the neurons'
