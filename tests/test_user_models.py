@@ -326,6 +326,14 @@ def test_model_without_neurons_names_register_neuron():
     assert "Linear" in str(info.value)
 
 
+@pytest.mark.parametrize("layers, expected", [([], r"at least one .* got \[\]"),
+                                             (0, r"a list of .* got int 0"), ([2], r"neuron layer indices in \[-2, 1\], got \[2\]")])
+def test_layers_that_name_no_neuron_layer(layers, expected):
+    case = make("snntorch_tutorial5")
+    with pytest.raises(ValueError, match="layers: expected " + expected):
+        finite_difference_lyapunov(case.model, case.x, layers=layers, **case.kw)
+
+
 @pytest.mark.parametrize("batch_dim", [5, -4])
 def test_batch_dim_out_of_range(batch_dim):
     case = make("snntorch_rsynaptic", T=4)
@@ -512,6 +520,27 @@ def test_norse_sequence_modules_give_the_leak_and_the_plain_outputs():
     assert torch.equal(res.outputs, net(x))
     spectrum = tangent_spectrum(net, x, k=2, discard=40)
     assert torch.allclose(spectrum.exponents, torch.full((2,), expected), atol=1e-3)
+
+
+def test_norse_sequence_modules_that_record_their_states():
+    """norse's LIF(record_states=True) returns every step's state stacked: run step by step it
+    must still take one step's state and give back the stack (a batch_dim error before)."""
+    import norse.torch as norse
+    torch.manual_seed(0)
+    p = norse.LIFParameters(v_th=torch.as_tensor(1e9))
+    net = norse.SequentialState(nn.Linear(6, 10), norse.LIF(p, record_states=True),
+                                nn.Linear(10, 4), norse.LIF(p, record_states=True))
+    x = 20 * torch.rand(60, 3, 6, generator=_gen(7))
+
+    def forward(net, x):  # the output and the last layer's membrane at every step
+        z, states = net(x)
+        return z, states[-1].v
+    lif = net[1]
+    expected = math.log(max(1 - lif.dt * float(p.tau_mem_inv), 1 - lif.dt * float(p.tau_syn_inv)))
+    res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-2, discard=30, renorm="per_layer")
+    assert abs(float(res) - expected) < 0.01
+    assert_outputs_equal(res.outputs, forward(net, x), atol=1e-6)
+    assert res.outputs[1].shape == (60, 3, 4)
 
 
 class _SharedNeuronNet(nn.Module):

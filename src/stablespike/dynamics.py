@@ -20,6 +20,7 @@ with spiking neurons need no stepper at all (:mod:`stablespike.neuron_twins`).
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -174,6 +175,12 @@ def layer_indices(count: int, layers: Optional[Sequence[int]], argument: str, wh
     ``what`` ("layer", "neuron layer") name them in the error for an index out of range."""
     if layers is None:
         return list(range(count))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"{argument}: expected a list of {what} indices (e.g. [0] or [-1]), got "
+                         f"{type(layers).__name__} {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{argument}: expected at least one {what} index (None: all of them), got []")
     chosen = set()
     for layer in layers:
         try:

@@ -295,7 +295,7 @@ def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
             module.v_seq = None  # collected afresh for this sequence, as a multi-step call does
         state = args[0] if args else kwargs.get("state")  # norse: (input, state=None)
         x_seq, state = run._extended(x_seq, 1), run._extended(state, 0)
-        outputs = []
+        outputs, states = [], []
         # unbind, not x_seq[t]: the gradient of each indexing is a zero tensor of the whole
         # sequence (a third of a regularized multi-step CSNN step's extra time)
         for x_t in x_seq.unbind(0):
@@ -311,12 +311,13 @@ def _give_stepwise_forward(run: NeuronRun, n: Neuron) -> None:
             if adapter.step_state is not None:
                 y, state = adapter.step_state(module, x_t, state)
                 run.record(n, (y, state))
+                states.append(state)
             else:
                 y = adapter.single_step(module, x_t)
                 run.record(n, y)
             outputs.append(run.wrap_output(y))
         out = torch.stack(outputs)
-        return out if adapter.step_state is None else (out, state)
+        return out if adapter.step_state is None else (out, adapter.sequence_state(module, states))
 
     module.__dict__["forward"] = stepwise_forward  # an instance attribute: hooks still run
 

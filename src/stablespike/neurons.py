@@ -52,7 +52,10 @@ class NeuronAdapter:
     ``single_step(module, x_t) -> output``: for multi-step types, one step on ``x_t (B, ...)``
     with the state kept in the module (the twin engine renormalizes between steps);
     ``step_state(module, x_t, state) -> (out_t, state)``: the same for multi-step types whose
-    state is passed and returned (norse's sequence modules);
+    state is passed and returned (norse's sequence modules), the state of one step;
+    ``sequence_state(module, states) -> state``: what such a module's call on the whole sequence
+    returns as its state, given each step's (default: the last; norse with ``record_states``:
+    all of them stacked);
     ``accepts(module) -> bool``: whether an instance of ``types`` is a spiking neuron (norse's
     leaky integrators share a base class with its spiking cells but have no threshold);
     ``keep_membrane_steps(module) -> handle | None``: makes a multi-step call expose every step's
@@ -72,6 +75,7 @@ class NeuronAdapter:
     state: Optional[Callable[[nn.Module, Any], Dict[str, torch.Tensor]]] = None
     single_step: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None
     step_state: Optional[Callable[[nn.Module, torch.Tensor, Any], Tuple[torch.Tensor, Any]]] = None
+    sequence_state: Callable[[nn.Module, List[Any]], Any] = lambda m, states: states[-1]
     accepts: Callable[[nn.Module], bool] = lambda m: True
     keep_membrane_steps: Optional[Callable[[nn.Module], Any]] = None
     membrane_steps_hint: str = "register the type with a membrane= function that returns (T, B, ...)"
@@ -219,16 +223,32 @@ def _norse_adapter() -> Optional[NeuronAdapter]:
         return _tensors((f, getattr(st, f)) for f in fields if f != "z")
 
     def step_state(module, x_t, st):  # a sequence module's own forward on a one-step sequence
-        out, st = type(module).forward(module, x_t.unsqueeze(0), st)
+        recording = getattr(module, "record_states", False)
+        module.record_states = False  # the step's state itself, not a stack of one
+        try:
+            out, st = type(module).forward(module, x_t.unsqueeze(0), st)
+        finally:
+            module.record_states = recording
         return out[0], st
+
+    def sequence_state(module, states):  # record_states=True returns every step's, stacked
+        return _stacked(states) if getattr(module, "record_states", False) else states[-1]
 
     def spiking(module):  # leaky integrators (LICell, LI, LIBoxCell) have no threshold
         return threshold(module) is not None
 
     return NeuronAdapter("norse", cells + seqs, lambda m, out: _first(out), membrane,
                          lambda m, out: isinstance(m, seqs), threshold, set_threshold, decay, state,
-                         step_state=step_state, accepts=spiking,
+                         step_state=step_state, sequence_state=sequence_state, accepts=spiking,
                          membrane_steps_hint="construct it with record_states=True")
+
+
+def _stacked(states: List[Any]):
+    """Per-step states (tensors, or named tuples of them) stacked along a new first dimension."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(states)
+    return type(first)(*(_stacked(list(field)) for field in zip(*states)))
 
 
 def _optional(module_name: str):
