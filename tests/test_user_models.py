@@ -842,3 +842,45 @@ def test_multi_step_layers_are_renormalized_each_to_its_share_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         finite_difference_lyapunov(net, x, forward=_sj_forward, eps=1e-3, renorm="per_layer", generator=_gen(2))
+
+
+def test_an_input_in_another_precision_than_the_model_is_named_as_the_cause():
+    case = make("snntorch_tutorial5")
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 and the model's parameters torch.float32"):
+        finite_difference_lyapunov(case.model, case.x.double(), **case.kw)
+
+
+class _NorseStreaming(nn.Module):
+    """A norse LIFCell loop whose forward keeps the cell's state between calls (chunked
+    sequences): the state lives in the user's module, not in the neuron."""
+
+    def __init__(self):
+        super().__init__()
+        import norse.torch as norse
+        self.fc, self.cell, self.state = nn.Linear(5, 8), norse.LIFCell(), None
+
+    def forward(self, x):  # (T, B, 5)
+        out, state = [], self.state
+        for x_t in x:
+            z, state = self.cell(self.fc(x_t), state)
+            out.append(z)
+        self.state = state
+        return torch.stack(out)
+
+
+def test_state_a_users_module_keeps_is_left_as_a_plain_call_leaves_it():
+    """The user's self.state came back with the twin rows (B + K rows): the next call failed on
+    the shapes, or with one sample broadcast the twins' rows silently. After an estimate, the state
+    and the next chunk's outputs equal those of a plain run."""
+    torch.manual_seed(0)
+    net = _NorseStreaming()
+    with torch.no_grad():
+        net.fc.weight.mul_(20)
+    reference = copy.deepcopy(net)
+    x1, x2, x3 = (torch.rand(10, 3, 5, generator=_gen(s)) for s in (1, 2, 3))
+    net(x1), reference(x1)
+    res = finite_difference_lyapunov(net, x2, eps=1e-3, generator=_gen(4))
+    assert_outputs_equal(res.outputs, reference(x2))
+    for got, want in zip(net.state, reference.state):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert_outputs_equal(net(x3), reference(x3))

@@ -160,6 +160,7 @@ class NeuronRun(abc.ABC):
         """``forward(model, x)`` with the hooks in place; the neurons keep the first ``nominal``
         rows of their state afterwards, as after a plain call."""
         handles = []
+        held = user_held_state(self.model, self.neurons)  # kept alive: ids stay unique
         try:
             for n in self.neurons:
                 if self.rows != self.nominal:
@@ -178,9 +179,8 @@ class NeuronRun(abc.ABC):
                         raise  # torch.compile's own errors pass through
                     raise ForwardFailed(
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
-                        f"appended to its {self.nominal} samples {self.rows_added} ({e}); if "
-                        "batch_dim is not the dimension of x that indexes samples, that is the "
-                        "cause" + _dtype_hint(x)) from e
+                        f"appended to its {self.nominal} samples {self.rows_added} ({e}); "
+                        + _likely_cause(x, self.model)) from e
             self.finish()
             return out
         finally:
@@ -189,6 +189,24 @@ class NeuronRun(abc.ABC):
             for n in self.neurons:
                 n.module.__dict__.pop("forward", None) if _is_stepwise(n.module) else None
                 _keep_rows(n.module, RowLayout(self.nominal, self.rows), self.kept_dtype)
+            self._trim_user_state(held)
+
+    def _trim_user_state(self, before) -> None:
+        """State the user's own modules took from the run (a streaming forward keeping a
+        neuron's returned state in ``self.state``) restricted to the samples' rows, as a plain
+        call leaves it: tensors of ``rows`` rows that were not held before the run."""
+        old = {id(t) for _, _, value in before for t in _tensors_in(value)}
+
+        def trim(t):
+            if id(t) in old or t.dim() == 0 or t.shape[0] != self.rows:
+                return t
+            t = t[: self.nominal]
+            cast = self.kept_dtype is not None and t.is_floating_point() and t.dtype != self.kept_dtype
+            return t.to(self.kept_dtype) if cast else t
+        for container, key, value in user_held_state(self.model, self.neurons):
+            new = _map_tensors(value, trim)
+            if new is not value:
+                container[key] = new
 
     @_eager  # bookkeeping by identity: under torch.compile a graph break per call
     def _before_call(self, n: Neuron, module, args, kwargs):
@@ -407,6 +425,33 @@ def kept_state(module: nn.Module):
                         if isinstance(v, torch.Tensor) and k not in fixed)
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _forward_hooks, ...
+
+
+def user_held_state(model: nn.Module, neurons: Sequence[Neuron]) -> list:
+    """``(container, key, value)`` for what the model's modules other than its neurons hold
+    between calls: attributes (and non-persistent buffers) that are tensors, or tuples, lists
+    or dicts of them — a streaming forward keeping norse's state tuple in ``self.state``."""
+    if not isinstance(model, nn.Module):
+        return []
+    skip = {id(n.module) for n in neurons}
+    held = []
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        held += [(vars(module), k, v) for k, v in vars(module).items()
+                 if k not in _MODULE_INTERNALS and _has_tensor((v,), {})]
+        held += [(module._buffers, k, v) for k, v in module._buffers.items()
+                 if k in module._non_persistent_buffers_set and v is not None]
+    return held
+
+
+def _tensors_in(obj) -> List[torch.Tensor]:
+    found: List[torch.Tensor] = []
+    _map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
 def _keep_rows(module: nn.Module, layout: RowLayout, dtype: Optional[torch.dtype] = None) -> None:
     """The state a neuron keeps restricted to the samples' rows (spikingjelly's ``v_seq`` is
     ``(T, B, ...)``) and, given ``dtype``, its floating tensors cast to it (a run in another
@@ -440,8 +485,14 @@ def cast_floats(obj, dtype: torch.dtype):
     return obj
 
 
-def _dtype_hint(x) -> str:
-    """A hint for the commonest other cause: an integer or bool input to float layers."""
+def _likely_cause(x, model: nn.Module) -> str:
+    """The likelier cause of a failed forward: x's dtype where it is not the model's (an
+    integer input to float layers, a float64 input to a float32 model), else batch_dim."""
+    weights = next((p for p in model.parameters() if p.is_floating_point()), None) \
+        if isinstance(model, nn.Module) else None
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
-        return f"; x has dtype {x.dtype}: the model's layers may need x.float()"
-    return ""
+        return f"x has dtype {x.dtype}: the model's layers may need x.float()"
+    if isinstance(x, torch.Tensor) and weights is not None and x.dtype != weights.dtype:
+        return (f"x has dtype {x.dtype} and the model's parameters {weights.dtype}: that is the "
+                f"likely cause (pass x.to({weights.dtype}))")
+    return "if batch_dim is not the dimension of x that indexes samples, that is the cause"

@@ -34,7 +34,7 @@ import torch
 from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
                        check_positive, check_tensor, user_stacklevel)
 from ..dynamics import layer_indices, run_twins, select_layers, state_spec_of
-from ..neuron_runs import ForwardFailed, kept_state
+from ..neuron_runs import ForwardFailed, kept_state, user_held_state
 from ..neuron_twins import ModuleTwins
 from ..neurons import find_layers
 from ..twins import RENORM_MODES, TwinEstimate, choose_rows, drawing_aside
@@ -271,6 +271,7 @@ class _RunState:
         # the frameworks assign a neuron's new state rather than write into it: the tensors
         # themselves are the state before the call
         self.kept = [entry for n in neurons for entry in kept_state(n.module)]
+        self.kept += user_held_state(model, neurons)  # a streaming forward's self.state
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         self.generator = generator, (generator.get_state() if generator is not None else None)
