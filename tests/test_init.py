@@ -77,6 +77,7 @@ def test_fluctuation_init_wakes_a_silent_deep_network():
     report = fluctuation_init(model, x, target_rate=0.1)
     assert all(r.rate_before == 0 for r in report.layers[4:])
     assert all(r.rate_after > 0.005 for r in report.layers)  # approximate, but every layer fires
+    assert str(report).splitlines()[0] == "calibration (fluctuation) to rate 0.1"  # no "+- nan"
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -83,7 +83,9 @@ class CalibrationReport:
         return {r.layer: r.reason for r in self.layers if r.restored}
 
     def __str__(self) -> str:
-        lines = [f"calibration ({self.mode}) to rate {self.target_rate:g} +- {self.tolerance:g}",
+        # fluctuation_init sets each layer's scale once from its statistics: no tolerance
+        within = "" if math.isnan(self.tolerance) else f" +- {self.tolerance:g}"
+        lines = [f"calibration ({self.mode}) to rate {self.target_rate:g}{within}",
                  f"{'layer':<20} {'before':>8} {'after':>8} {'scale':>9} {'evals':>6}  ok"]
         for r in self.layers:
             lines.append(f"{r.layer:<20} {r.rate_before:8.4f} {r.rate_after:8.4f} {r.scale:9.3g} "
