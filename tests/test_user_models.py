@@ -361,11 +361,14 @@ def test_batch_dim_on_feature_axis_of_static_input():
     lambda m, x: str(m(x)[0].shape),
     lambda m, x: [m(x)[0], 3],
 ], ids=["dict", "str", "list-with-int"])
-def test_forward_returning_non_tensors(bad):
+@pytest.mark.parametrize("estimator", [finite_difference_lyapunov, tangent_spectrum, depthwise_gain])
+def test_forward_returning_non_tensors(bad, estimator):
+    """Every estimator refuses a forward whose result is not tensors (the tangent spectrum and
+    the depth-wise gain, which do not hand the outputs back, took it silently)."""
     case = make("snntorch_rsynaptic", T=4)
-    with pytest.raises(ValueError, match="forward") as info:
-        finite_difference_lyapunov(case.model, case.x, forward=bad)
-    assert "tensor" in str(info.value)
+    with pytest.raises(ValueError, match="forward: expected it to return a tensor") as info:
+        estimator(case.model, case.x, forward=bad)
+    assert ("dict" in str(info.value)) or ("str" in str(info.value)) or ("list holding int" in str(info.value))
 
 
 class _CloningLoop(nn.Module):
@@ -727,6 +730,34 @@ def test_state_kept_from_an_earlier_call_is_the_twins_state_too(framework, below
         assert abs(float(res.exponent) - leak_exponent(net)) < 0.01
         spectrum = tangent_spectrum(net, x2, forward=forward, k=2)
         assert torch.allclose(spectrum.exponents.detach(), torch.full((2,), leak_exponent(net)), atol=0.01)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_a_spikingjelly_dropout_mask_kept_from_an_earlier_call_is_its_twins_mask_too(step_mode):
+    """spikingjelly's layer.Dropout keeps its mask until reset_net; a forward that does not reset
+    meets the mask an earlier call drew for the samples: the twins must get their samples' mask
+    (the estimate failed on the shapes before), the outputs equal a plain call's and the mask
+    left behind is the samples' one, unchanged. Below threshold the exponent is ln(1 - 1/tau)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 16), neuron.LIFNode(tau=2.0, v_threshold=1e9), layer.Dropout(0.5),
+                        layer.Linear(16, 3), neuron.LIFNode(tau=2.0, v_threshold=1e9)).train()
+    functional.set_step_mode(net, step_mode)
+    if step_mode == "m":
+        def forward(net, x):
+            return net(x)
+    else:
+        def forward(net, x):  # x (T, B, 5), one step at a time, no reset
+            return torch.stack([net(x_t) for x_t in x])
+    x1, x2 = (2 * torch.rand(7, 4, 5, generator=_gen(s)) for s in (1, 2))
+    with torch.no_grad():  # deepcopy takes no state with a graph
+        forward(net, x1)
+    reference = copy.deepcopy(net)
+    mask = net[2].mask.clone()
+    res = finite_difference_lyapunov(net, x2, forward=forward, eps=1e-3, fraction=0.5, generator=_gen(3))
+    assert_outputs_equal(res.outputs, forward(reference, x2))
+    assert torch.equal(net[2].mask, mask)
+    assert abs(float(res.exponent) - math.log(0.5)) < 0.01
 
 
 def test_the_fallback_restores_the_state_the_neurons_kept():

@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lyap_fraction", type=_finite, default=1.0, help="share of each batch estimated")
     d.add_argument("--grad_clip", type=_finite, default=10.0, help="gradient-norm clipping (seed: 10)")
     d.add_argument("--data_dir", help="where the data files are (default: Debian's copy for Fashion-MNIST)")
-    d.add_argument("--out_dir", default="runs/depth_scaling", help="the sweep's directory")
+    d.add_argument("--out_dir", default="runs/depth_scaling",
+                   help="where a sweep goes: a new time-stamped folder inside it (with --resume: itself)")
     d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    d.add_argument("--resume", action="store_true", help="finish the sweep in --out_dir (needs --out_dir)")
+    d.add_argument("--resume", action="store_true",
+                   help="finish (or start) the sweep in --out_dir itself, with no time-stamped folder")
     d.add_argument("--jobs", type=_positive_int, default=1,
                    help="independent runs at once in separate processes on this machine")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -160,7 +160,9 @@ class NeuronRun(abc.ABC):
         """``forward(model, x)`` with the hooks in place; the neurons keep the first ``nominal``
         rows of their state afterwards, as after a plain call."""
         handles = []
-        held = user_held_state(self.model, self.neurons)  # kept alive: ids stay unique
+        # the tensors held now, kept alive so that their ids stay unique (a dict the model
+        # mutates, such as spikingjelly's memories, would show the run's tensors by the end)
+        held = [t for _, _, value in user_held_state(self.model, self.neurons) for t in _tensors_in(value)]
         try:
             for n in self.neurons:
                 if self.rows != self.nominal:
@@ -181,6 +183,7 @@ class NeuronRun(abc.ABC):
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
                         f"appended to its {self.nominal} samples {self.rows_added} ({e}); "
                         + _likely_cause(x, self.model)) from e
+            _check_outputs(out)
             self.finish()
             return out
         finally:
@@ -191,11 +194,12 @@ class NeuronRun(abc.ABC):
                 _keep_rows(n.module, RowLayout(self.nominal, self.rows), self.kept_dtype)
             self._trim_user_state(held)
 
-    def _trim_user_state(self, before) -> None:
+    def _trim_user_state(self, before: List[torch.Tensor]) -> None:
         """State the user's own modules took from the run (a streaming forward keeping a
-        neuron's returned state in ``self.state``) restricted to the samples' rows, as a plain
-        call leaves it: tensors of ``rows`` rows that were not held before the run."""
-        old = {id(t) for _, _, value in before for t in _tensors_in(value)}
+        neuron's returned state in ``self.state``, spikingjelly's dropout mask) restricted to the
+        samples' rows, as a plain call leaves it: tensors of ``rows`` rows not in ``before``
+        (the tensors held before the run)."""
+        old = {id(t) for t in before}
 
         def trim(t):
             if id(t) in old or t.dim() == 0 or t.shape[0] != self.rows:
@@ -366,6 +370,21 @@ def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
         items = {k: _map_tensors(v, fn) for k, v in obj.items()}
         return obj if all(items[k] is obj[k] for k in obj) else items
     return obj
+
+
+def _check_outputs(out) -> None:
+    """What a forward returns must be a tensor or a tuple or list of them (nested, with None
+    allowed among them): a ValueError naming what came instead."""
+    def offending(obj):
+        if isinstance(obj, torch.Tensor):
+            return None
+        if isinstance(obj, (tuple, list)):
+            return next((f"{type(obj).__name__} holding {bad}" for bad in
+                         (offending(o) for o in obj if o is not None) if bad is not None), None)
+        return type(obj).__name__
+    bad = offending(out)
+    if bad is not None:
+        raise ValueError(f"forward: expected it to return a tensor or a tuple of tensors, got {bad}")
 
 
 def _has_tensor(args, kwargs) -> bool:

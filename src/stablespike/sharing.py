@@ -42,6 +42,7 @@ def shared_across_twins(model, rows: TwinRows) -> Iterator[None]:
             elif callable(getattr(type(module), "create_mask", None)) and hasattr(module, "p"):
                 # spikingjelly layer.Dropout*: one mask per sequence, drawn by create_mask
                 patched.append(_patch(module, "create_mask", functools.partial(_create_mask, module, rows)))
+                patched.append(_patch(module, "forward", functools.partial(_kept_mask_forward, module, rows)))
         yield
     finally:
         for module, name, previous in reversed(patched):
@@ -220,6 +221,18 @@ def _dropout(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor
     ones = torch.ones_like(blocks[:, : rows.batch]).flatten(0, 1)
     mask = plain(module, ones).unflatten(0, blocks.shape[:1] + (rows.batch,))  # 0 or 1/(1-p)
     return x * _extend_blocks(mask, rows)
+
+
+def _kept_mask_forward(module: nn.Module, rows: TwinRows, x: torch.Tensor, *args, **kwargs):
+    """spikingjelly's dropout, whose mask lives until ``reset()``: a mask an earlier call drew
+    for the samples (a forward that does not reset the network) gets its twins' copies before
+    it meets the twin rows, as a neuron's kept state does."""
+    mask = getattr(module, "mask", None)
+    batch_dim = 1 if getattr(module, "step_mode", "s") == "m" else 0
+    if (isinstance(mask, torch.Tensor) and rows.started and mask.dim() > 0
+            and mask.shape[0] == rows.batch and x.dim() > batch_dim and x.shape[batch_dim] == rows.total):
+        module.mask = rows.extend(mask, dim=0)
+    return type(module).forward(module, x, *args, **kwargs)
 
 
 def _create_mask(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:

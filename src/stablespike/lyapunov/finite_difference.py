@@ -300,9 +300,6 @@ def _nominal_outputs(out, rows, dim: Optional[int], dtype):
     if isinstance(out, (tuple, list)):
         return type(out)(_nominal_outputs(o, rows, dim, dtype) if o is not None else None
                          for o in out)
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"forward: expected it to return a tensor or a tuple of tensors, got "
-                         f"{type(out).__name__}")
     dims = [d for d in range(out.dim()) if out.shape[d] == rows.total]
     what = f"size {rows.total} (the {rows.batch} samples and {rows.twins} twins)"
     if dim is None and len(dims) > 1:
