@@ -94,3 +94,32 @@ class TanhRNN:
         (h,) = state
         h = self.g * torch.tanh(h) @ self.W.T
         return h, (h,)
+
+
+class LIFStepper:
+    """Two LIF layers written in plain torch (no neuron modules: the stepper driver runs it):
+    ``mem <- beta mem + W in - threshold spk_prev``, ``spk = mem > threshold``. State
+    ``(mem1 (B, H1), mem2 (B, H2), spk1, spk2)``. Below threshold the Jacobian of the membranes
+    is ``beta I`` whatever the weights: every exponent is ln(beta)."""
+
+    def __init__(self, beta: float, sizes=(6, 10, 8), threshold: float = 1.0, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.W1 = torch.randn(sizes[1], sizes[0], generator=gen, dtype=torch.float64)
+        self.W2 = torch.randn(sizes[2], sizes[1], generator=gen, dtype=torch.float64)
+        self.beta, self.threshold, self.sizes = beta, threshold, sizes
+
+    def init_state(self, batch_size, device, dtype):
+        zeros = [torch.zeros(batch_size, h, device=device, dtype=dtype) for h in self.sizes[1:]]
+        return tuple(zeros) + tuple(torch.zeros_like(z) for z in zeros)
+
+    def state_spec(self):
+        from stablespike.dynamics import StateSpec
+        return (StateSpec(0, "membrane"), StateSpec(1, "membrane"), StateSpec(0, "spike"), StateSpec(1, "spike"))
+
+    def step(self, x_t, state):
+        mem1, mem2, spk1, spk2 = state
+        mem1 = self.beta * mem1 + x_t @ self.W1.to(x_t.dtype).T - self.threshold * spk1
+        spk1 = (mem1 > self.threshold).to(mem1.dtype)
+        mem2 = self.beta * mem2 + spk1 @ self.W2.to(x_t.dtype).T - self.threshold * spk2
+        spk2 = (mem2 > self.threshold).to(mem2.dtype)
+        return spk2, (mem1, mem2, spk1, spk2)

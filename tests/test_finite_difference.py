@@ -9,7 +9,7 @@ from stablespike import RecurrentSpikingMLP, SpikingMLP, SpikingVGG, finite_diff
 from stablespike.sharing import shared_across_twins
 from stablespike.twins import TwinRows
 
-from steppers import LinearMap, LogisticMap, PerSampleScale, rotation
+from steppers import LIFStepper, LinearMap, LogisticMap, PerSampleScale, rotation
 
 
 def seq(T, B, D=1, scale=1.0, seed=0, dtype=torch.float32):
@@ -35,6 +35,18 @@ def test_lif_below_threshold_gives_ln_beta_for_any_weights(beta, weight_scale):
     assert abs(float(res) - math.log(beta)) < 0.01
     assert torch.allclose(res.per_sample, torch.full((6,), math.log(beta)), atol=0.01)
     assert res.flip_fraction == 0.0
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.5])
+def test_a_lif_stepper_below_threshold_gives_ln_beta_through_the_stepper_driver(beta):
+    """An LIF network written as a stepper in plain torch (no neuron modules), so the stepper
+    driver runs it: ln(beta) per sample, no spike flips; above threshold, flips are counted."""
+    x = seq(30, 5, 6, scale=2.0, dtype=torch.float64)
+    res = finite_difference_lyapunov(LIFStepper(beta, threshold=1e9), x, eps=1e-6)
+    assert torch.allclose(res.per_sample, torch.full((5,), math.log(beta), dtype=torch.float64), atol=1e-6)
+    assert res.flip_fraction == 0.0
+    firing = finite_difference_lyapunov(LIFStepper(beta, threshold=0.5), x, eps=0.5)
+    assert firing.flip_fraction > 0
 
 
 def test_recurrent_synaptic_below_threshold_gives_ln_of_largest_decay():

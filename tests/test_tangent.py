@@ -64,6 +64,13 @@ def test_lif_below_threshold_gives_ln_beta_for_every_exponent():
     assert torch.allclose(r.exponents, torch.full((6,), math.log(0.9), dtype=torch.float64), atol=1e-9)
 
 
+def test_a_lif_stepper_below_threshold_gives_ln_beta_through_the_stepper_driver():
+    from steppers import LIFStepper
+    x = torch.rand(30, 3, 6, dtype=torch.float64) * 3
+    r = tangent_spectrum(LIFStepper(0.8, threshold=1e9), x, k=5)
+    assert torch.allclose(r.exponents, torch.full((5,), math.log(0.8), dtype=torch.float64), atol=1e-9)
+
+
 def test_tangent_step_equals_autograd_jacobian_with_the_surrogate():
     torch.manual_seed(1)
     model = SpikingMLP(5, [7, 6], 2, threshold=0.3).double()

@@ -320,10 +320,48 @@ def test_fraction_estimates_a_quarter_and_returns_all_outputs(name):
 
 # --- 7. bad input: ValueError naming what was expected and what came ---------------------------
 
-def test_model_without_neurons_names_register_neuron():
+ESTIMATORS = [finite_difference_lyapunov, tangent_spectrum, depthwise_gain, analyze_dynamics]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_model_without_neurons_names_register_neuron(estimator):
     with pytest.raises(ValueError, match="register_neuron") as info:
-        finite_difference_lyapunov(nn.Linear(3, 3), torch.rand(4, 2, 3))
+        estimator(nn.Linear(3, 3), torch.rand(4, 2, 3))
     assert "Linear" in str(info.value)
+
+
+class _UnreadableLIF(nn.Module):
+    """A neuron registered with a membrane accessor that finds nothing."""
+
+    def forward(self, x, mem):
+        mem = 0.9 * mem + x
+        spk = (mem > 1).float()
+        return spk, mem - spk
+
+
+class _UnreadableNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.l1, self.fc2, self.l2 = nn.Linear(6, 8), _UnreadableLIF(), nn.Linear(8, 3), _UnreadableLIF()
+
+    def forward(self, x):  # (T, B, 6)
+        m1, m2, out = torch.zeros(x.shape[1], 8), torch.zeros(x.shape[1], 3), []
+        for x_t in x:
+            s1, m1 = self.l1(self.fc1(x_t), m1)
+            s2, m2 = self.l2(self.fc2(s1), m2)
+            out.append(s2)
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_neuron_whose_state_cannot_be_read_is_named(estimator):
+    stablespike.register_neuron(_UnreadableLIF, membrane=lambda m, out: None)
+    try:
+        with pytest.raises(ValueError, match="cannot read the state of neuron 'l1'") as info:
+            estimator(_UnreadableNet(), torch.rand(6, 3, 6))
+    finally:
+        stablespike.neurons.DEFAULT_REGISTRY.unregister(_UnreadableLIF)
+    assert "membrane=" in str(info.value)
 
 
 @pytest.mark.parametrize("layers, expected", [([], r"at least one .* got \[\]"),
@@ -335,10 +373,11 @@ def test_layers_that_name_no_neuron_layer(layers, expected):
 
 
 @pytest.mark.parametrize("batch_dim", [5, -4])
-def test_batch_dim_out_of_range(batch_dim):
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_batch_dim_out_of_range(batch_dim, estimator):
     case = make("snntorch_rsynaptic", T=4)
     with pytest.raises(ValueError, match="batch_dim") as info:
-        finite_difference_lyapunov(case.model, case.x, batch_dim=batch_dim)
+        estimator(case.model, case.x, batch_dim=batch_dim)
     assert str(batch_dim) in str(info.value) and "(4, 3, 6)" in str(info.value)
 
 
@@ -361,7 +400,7 @@ def test_batch_dim_on_feature_axis_of_static_input():
     lambda m, x: str(m(x)[0].shape),
     lambda m, x: [m(x)[0], 3],
 ], ids=["dict", "str", "list-with-int"])
-@pytest.mark.parametrize("estimator", [finite_difference_lyapunov, tangent_spectrum, depthwise_gain])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_forward_returning_non_tensors(bad, estimator):
     """Every estimator refuses a forward whose result is not tensors (the tangent spectrum and
     the depth-wise gain, which do not hand the outputs back, took it silently)."""
@@ -605,6 +644,33 @@ def test_depthwise_gain_of_a_user_module_equals_the_known_layer_gain():
     finally:
         stablespike.neurons.DEFAULT_REGISTRY.unregister(_LinearNeuron)
     assert torch.allclose(r.per_sample, torch.full((3, 1), math.log(3.0), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("surrogate", ["atan-default", "fast_sigmoid-25"])
+def test_depthwise_gain_equals_a_hand_count_through_the_frameworks_surrogate(surrogate):
+    """snnTorch tutorial 5 with one hidden neuron, above threshold: a unit tangent on mem1
+    reaches layer 2 as W2[:, 0] * s'(mem1 - threshold) (snnTorch detaches the reset), so the
+    gain per step is ln(|W2[:, 0]| * |s'(u)|) with s' the derivative of the surrogate the user
+    chose, taken here by autograd through snnTorch's own spike function."""
+    from snntorch import surrogate as sg
+    spike_grad = None if surrogate == "atan-default" else sg.fast_sigmoid(slope=25)
+    m = um.snntorch_tutorial5(num_inputs=4, num_hidden=1, num_outputs=3, num_steps=12,
+                              spike_grad=spike_grad, weight_gain=3.0, seed=1)
+    x = torch.rand(5, 4, generator=_gen(0))
+    res = depthwise_gain(m, x, batch_dim=0, generator=_gen(2))
+    with torch.no_grad():
+        mem1, distances = m.lif1.init_leaky(), []
+        for _ in range(m.num_steps):
+            _, mem1 = m.lif1(m.fc1(x), mem1)
+            distances.append(mem1 - m.lif1.threshold)
+    gains = []
+    for u in distances[1:]:  # the tangent starts on the state after the first step
+        leaf = u.clone().requires_grad_(True)
+        slope, = torch.autograd.grad(m.lif1.spike_grad(leaf).sum(), leaf)
+        gains.append(torch.log(m.fc2.weight[:, 0].detach().norm() * slope[:, 0].abs()))
+    hand = torch.stack(gains).mean(0)
+    assert torch.allclose(res.per_sample[:, 0].detach(), hand, atol=1e-5)
+    assert float(hand.std()) > 0.1  # the samples differ: the surrogate's value matters
 
 
 def _batch_size_net(beta=0.8, threshold=1.0):

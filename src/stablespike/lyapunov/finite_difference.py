@@ -120,7 +120,10 @@ def finite_difference_lyapunov(
             0 for a static ``(B, ...)`` input that the forward repeats over time.
         output_batch_dim: the dimension of every output that indexes samples; default: the one
             dimension whose size is the extended batch (samples + twins). When several are (a
-            ``(T, B + K, C)`` record with ``T == B + K``), an error asks for this argument.
+            ``(T, B + K, C)`` record with ``T == B + K``), an error asks for this argument. The
+            forward must keep one output per sample: one that averages the samples away is an
+            error, unless another of its dimensions happens to have ``B + K`` entries (then it
+            would be cut there: pass this argument to be sure).
         eps: perturbation norm per sample, over the concatenated perturbed state.
         layers: indices of the layers (neurons in module order, or stepper layers) whose
             continuous state is perturbed and measured (negative counts from the last); default all.
@@ -296,7 +299,9 @@ def _nominal_outputs(out, rows, dim: Optional[int], dtype):
     along ``dim``, else along the one dimension of the extended batch's size. Where several
     dimensions have that size the shape cannot tell which one indexes the samples (x's
     ``batch_dim`` cannot either: a forward may reduce over time, or stack time in front of a
-    static input's samples), so that is an error naming ``output_batch_dim``."""
+    static input's samples), so that is an error naming ``output_batch_dim``. (A forward that
+    averages the samples away, leaving another dimension of that size by chance, cannot be told
+    from one that does not: ``output_batch_dim`` says it for sure.)"""
     if isinstance(out, (tuple, list)):
         return type(out)(_nominal_outputs(o, rows, dim, dtype) if o is not None else None
                          for o in out)
@@ -310,7 +315,9 @@ def _nominal_outputs(out, rows, dim: Optional[int], dtype):
     if dim is None and not dims:
         raise ValueError(
             f"batch_dim: an output of forward has shape {tuple(out.shape)}, with no dimension of "
-            f"{what}; is batch_dim the dimension of x that indexes samples?")
+            f"{what}; is batch_dim the dimension of x that indexes samples? (A forward that "
+            "reduces over the samples, such as a mean over the batch, cannot be estimated: "
+            "return one output per sample.)")
     dim = dims[0] if dim is None else dim
     if not -out.dim() <= dim < out.dim() or out.shape[dim] != rows.total:
         raise ValueError(f"output_batch_dim: expected a dimension of {what} in every output, "
