@@ -608,6 +608,28 @@ def test_one_neuron_module_for_two_layers_is_refused():
         finite_difference_lyapunov(_SharedNeuronNet(), torch.rand(6, 3, 4), eps=1e-2)
 
 
+@pytest.mark.parametrize("framework", ["snntorch", "spikingjelly"])
+def test_one_neuron_module_keeping_its_state_for_layers_of_two_widths_is_refused(framework):
+    """init_hidden=True (snnTorch) or spikingjelly: the module keeps its state, so no argument
+    shows the reuse; the state changing shape between calls does (snnTorch started it afresh:
+    the exponent came out at -36 with no error)."""
+    torch.manual_seed(0)
+    if framework == "snntorch":
+        import snntorch as snn
+        from snntorch import utils
+        lif, reset = snn.Leaky(beta=0.8, threshold=1e9, init_hidden=True), utils.reset
+    else:
+        from spikingjelly.activation_based import functional, neuron
+        lif, reset = neuron.LIFNode(tau=2.0, v_threshold=1e9), functional.reset_net
+    net = nn.Sequential(nn.Linear(6, 12), lif, nn.Linear(12, 5), lif)
+
+    def forward(net, x):
+        reset(net)
+        return torch.stack([net(x_t) for x_t in x])
+    with pytest.raises(ValueError, match=r"changed shape from \(8, 12\) to \(8, 5\).*several layers"):
+        finite_difference_lyapunov(net, torch.rand(30, 4, 6), forward=forward, eps=1e-3)
+
+
 class _LinearNeuron(nn.Module):
     """A 'neuron' whose output is its membrane (mem <- 0.9 mem + x): its tangents are exact."""
 
@@ -824,6 +846,82 @@ def test_a_spikingjelly_dropout_mask_kept_from_an_earlier_call_is_its_twins_mask
     assert_outputs_equal(res.outputs, forward(reference, x2))
     assert torch.equal(net[2].mask, mask)
     assert abs(float(res.exponent) - math.log(0.5)) < 0.01
+
+
+def _multistep_with_torch_dropout(framework):
+    """A multi-step network with a plain torch nn.Dropout between its neuron layers (it sees
+    ``(T, B, F)``): spikingjelly ``step_mode="m"``, or norse's SequentialState of LIF modules.
+    Layer 1 fires, layer 2 never does. Returns ``(net, forward, ln of layer 2's leak)``."""
+    torch.manual_seed(0)
+    if framework == "spikingjelly":
+        from spikingjelly.activation_based import functional, layer, neuron
+        net = nn.Sequential(layer.Linear(8, 32), neuron.LIFNode(tau=2.0, v_threshold=0.5), nn.Dropout(0.5),
+                            layer.Linear(32, 4), neuron.LIFNode(tau=2.0, v_threshold=1e9, store_v_seq=True))
+        functional.set_step_mode(net, "m")
+
+        def forward(net, x):
+            functional.reset_net(net)
+            net(x)
+            return net[4].v_seq  # layer 2's membrane (T, B, 4)
+        return net.train(), forward, math.log(0.5)
+    import norse.torch as norse
+    net = norse.SequentialState(nn.Linear(8, 32), norse.LIF(p=norse.LIFParameters(v_th=torch.tensor(0.3))),
+                                nn.Dropout(0.5), nn.Linear(32, 4),
+                                norse.LIF(p=norse.LIFParameters(v_th=torch.tensor(1e9))))
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    return net.train(), lambda net, x: net(x)[0], math.log(0.9)  # 1 - dt * tau_mem_inv, the slower
+
+
+@pytest.mark.parametrize("framework", ["spikingjelly", "norse"])
+def test_a_torch_dropout_between_multi_step_neurons_gives_twins_their_samples_masks(framework):
+    """nn.Dropout in a multi-step model gets ``(T, B + K, F)``: its mask must be drawn for the
+    samples as a plain call draws it and copied to each twin (it was drawn over all rows: the
+    outputs differed from a plain call's by up to 1 and the exponent of a layer that never fires
+    came out at +4 instead of its leak)."""
+    net, forward, leak = _multistep_with_torch_dropout(framework)
+    reference = copy.deepcopy(net)
+    x = 20 * torch.rand(60, 5, 8, generator=_gen(1))
+    torch.manual_seed(7)
+    want = forward(reference, x)
+    torch.manual_seed(7)
+    res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-3, layers=[1], discard=20,
+                                     fraction=0.6, renorm="per_layer")
+    assert_outputs_equal(res.outputs, want, atol=1e-6)
+    assert abs(float(res.exponent) - leak) < 0.01
+
+
+class _CastsItsInput(nn.Module):
+    """snnTorch tutorial 5 whose forward casts x to float32 itself (x kept in another dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        import snntorch as snn
+        self.fc1, self.lif1 = nn.Linear(6, 12), snn.Leaky(beta=0.8, threshold=1e9)
+        self.fc2, self.lif2 = nn.Linear(12, 3), snn.Leaky(beta=0.7, threshold=1e9)
+
+    def forward(self, x):
+        x = x.float()
+        mem1, mem2, mem_rec = self.lif1.init_leaky(), self.lif2.init_leaky(), []
+        for _ in range(30):
+            spk1, mem1 = self.lif1(self.fc1(x), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            mem_rec.append(mem2)
+        return torch.stack(mem_rec)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float64])
+def test_outputs_keep_the_plain_calls_dtype_and_the_exponent_the_models(x_dtype):
+    """.outputs are a plain call's, dtype included, whatever x's dtype (they were cast to x's:
+    bfloat16 outputs off by 1e-3, and the exponent in bfloat16); the exponent comes in the
+    model's precision."""
+    torch.manual_seed(0)
+    net, x = _CastsItsInput(), (3 * torch.rand(5, 6, generator=_gen(1))).to(x_dtype)
+    want = net(x)
+    res = finite_difference_lyapunov(net, x, batch_dim=0, eps=1e-3, generator=_gen(2))
+    assert res.outputs.dtype == want.dtype == torch.float32
+    assert torch.equal(res.outputs, want)
+    assert res.exponent.dtype == res.per_sample.dtype == torch.float32
 
 
 def test_the_fallback_restores_the_state_the_neurons_kept():

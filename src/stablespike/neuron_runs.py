@@ -251,7 +251,10 @@ class NeuronRun(abc.ABC):
     def record(self, n: Neuron, output) -> None:
         """Keep the state and spikes after a call, check their rows, let the subclass look."""
         adapter = n.layer.adapter
+        before = n.state
         n.state = adapter.continuous_state(n.module, output)
+        if n.group is not None and before:
+            _check_same_shapes(n, before, n.state)
         spikes = adapter.spikes(n.module, output)
         n.spikes = spikes if isinstance(spikes, torch.Tensor) else None
         if n.group is not None and not n.state:
@@ -302,6 +305,20 @@ class NeuronRun(abc.ABC):
                 raise ValueError("model: neurons took different numbers of steps: " + ", ".join(
                     f"{m.name!r} {m.calls}" for m in group))
         return groups
+
+
+def _check_same_shapes(n: Neuron, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> None:
+    """A neuron's state keeps its shape from call to call: one that changes is a module used
+    for layers of different widths (snnTorch then starts it afresh, and the twins' perturbation
+    would be lost without a word)."""
+    for name, s in after.items():
+        old = before.get(name)
+        if old is not None and old.shape != s.shape:
+            raise ValueError(
+                f"model: the state {name!r} of neuron {n.name!r} ({type(n.module).__name__}) changed "
+                f"shape from {tuple(old.shape)} to {tuple(s.shape)} at call {n.calls + 1}, so the "
+                "framework started it afresh and the twins' perturbation was lost; is this one module "
+                "used for several layers? Give every layer its own neuron module.")
 
 
 # --- multi-step neurons: one step at a time ---------------------------------------------------

@@ -53,7 +53,7 @@ class ModuleTwins(NeuronRun):
         otherwise ``x`` comes with the twin rows."""
         # until a neuron runs, tensors hold the samples only
         self.twin_rows.started = not self.appends_rows
-        with shared_across_twins(self.model, self.twin_rows):
+        with shared_across_twins(self.model, self.twin_rows, any(n.multistep for n in self.neurons)):
             return super().run(forward, x)
 
     def extend(self, t, dim):

@@ -10,8 +10,10 @@ While a Lyapunov estimate runs a model on a batch of ``B`` samples followed by `
   mask of its sample; spikingjelly's ``layer.Dropout`` likewise (its mask is kept per sequence).
 
 Rows are recognized by count: a tensor whose first dimension is ``m * (B + K)`` is read as ``m``
-blocks of ``B + K`` rows (``m = T`` for a time-flattened multi-step batch). Dropout applied
-through ``torch.nn.functional`` inside a forward is not seen and would differ between twins.
+blocks of ``B + K`` rows (``m = T`` for a time-flattened multi-step batch); in a model with
+multi-step neurons (``time_first``), a dropout's input whose second dimension is ``B + K`` is read
+as ``(T, B + K, ...)`` first. Dropout applied through ``torch.nn.functional`` inside a forward is
+not seen and would differ between twins.
 """
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 @contextlib.contextmanager
-def shared_across_twins(model, rows: TwinRows) -> Iterator[None]:
-    """Within the block, batch norm and dropout of ``model`` treat twins as their samples."""
+def shared_across_twins(model, rows: TwinRows, time_first: bool = False) -> Iterator[None]:
+    """Within the block, batch norm and dropout of ``model`` treat twins as their samples.
+    ``time_first``: the model has multi-step neurons, so tensors between them are ``(T, B + K, ...)``."""
     patched = []
     modules = model.modules() if isinstance(model, nn.Module) else ()
     try:
@@ -38,7 +41,7 @@ def shared_across_twins(model, rows: TwinRows) -> Iterator[None]:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 patched.append(_patch(module, "forward", functools.partial(_batch_norm, module, rows)))
             elif isinstance(module, _DROPOUTS):
-                patched.append(_patch(module, "forward", functools.partial(_dropout, module, rows)))
+                patched.append(_patch(module, "forward", functools.partial(_dropout, module, rows, time_first)))
             elif callable(getattr(type(module), "create_mask", None)) and hasattr(module, "p"):
                 # spikingjelly layer.Dropout*: one mask per sequence, drawn by create_mask
                 patched.append(_patch(module, "create_mask", functools.partial(_create_mask, module, rows)))
@@ -58,18 +61,18 @@ def _patch(module: nn.Module, name: str, replacement):
     return module, name, previous
 
 
-def _blocks(x: torch.Tensor, rows: TwinRows):
-    """``(m * (B + K), ...) -> (m, B + K, ...)``, or None when ``x`` is not laid out so (or
-    holds the samples only: before the twins' rows were appended at the first neuron, a
-    time-flattened ``T * B`` could be a multiple of ``B + K``)."""
-    if x.dim() == 0 or x.shape[0] % rows.total or not rows.started:
+def _blocks(x: torch.Tensor, rows: TwinRows, time_first: bool = False):
+    """``(m * (B + K), ...) -> (m, B + K, ...)``, or with ``time_first`` a ``(T, B + K, ...)``
+    as it is; None when ``x`` is not laid out so (or holds the samples only: before the twins'
+    rows were appended at the first neuron, a time-flattened ``T * B`` could be a multiple of
+    ``B + K``)."""
+    if x.dim() == 0 or not rows.started:
+        return None
+    if time_first and x.dim() > 1 and x.shape[1] == rows.total:
+        return x
+    if x.shape[0] % rows.total:
         return None
     return x.unflatten(0, (x.shape[0] // rows.total, rows.total))
-
-
-def _extend_blocks(nominal: torch.Tensor, rows: TwinRows) -> torch.Tensor:
-    """``(m, B, ...) -> (m * (B + K), ...)``: each twin gets a copy of its sample's entry."""
-    return rows.extend(nominal, dim=1).flatten(0, 1)
 
 
 def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
@@ -213,14 +216,16 @@ def _partner_blocks(blocks: torch.Tensor, rows: TwinRows) -> torch.Tensor:
     return blocks[:, : rows.batch] if rows.all_rows else blocks.index_select(1, rows.index.to(blocks.device))
 
 
-def _dropout(module: nn.Module, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:
+def _dropout(module: nn.Module, rows: TwinRows, time_first: bool, x: torch.Tensor) -> torch.Tensor:
+    """The samples' mask drawn as a plain call draws it (the same elements in the same order),
+    each twin given its sample's."""
     plain = type(module).forward
-    blocks = _blocks(x, rows)
+    blocks = _blocks(x, rows, time_first)
     if not module.training or module.p == 0 or blocks is None:
         return plain(module, x)
     ones = torch.ones_like(blocks[:, : rows.batch]).flatten(0, 1)
     mask = plain(module, ones).unflatten(0, blocks.shape[:1] + (rows.batch,))  # 0 or 1/(1-p)
-    return x * _extend_blocks(mask, rows)
+    return x * rows.extend(mask, dim=1).view_as(x)
 
 
 def _kept_mask_forward(module: nn.Module, rows: TwinRows, x: torch.Tensor, *args, **kwargs):

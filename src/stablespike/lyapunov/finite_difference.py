@@ -23,6 +23,7 @@ Differences from the seeds, on purpose:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 import weakref
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .._checks import (check_bool, check_float_dtype, check_fraction, check_generator, check_int,
                        check_positive, check_tensor, user_stacklevel)
@@ -183,7 +185,7 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
         renorm = "per_layer"  # layer after layer: the layers cannot be rescaled together
     rows = choose_rows(x.shape[batch_dim], fraction, x.device, generator)
     groups = len(chosen) if renorm == "per_layer" else 1
-    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    dtype = _model_dtype(model, x)
 
     def attempt(at_neurons: bool):
         estimate = TwinEstimate(rows, eps, renorm, groups, renorm_every=renorm_every, discard=discard,
@@ -202,7 +204,18 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
     return FiniteDifferenceResult(
         exponent=per_sample.mean().to(dtype), per_sample=per_sample.to(dtype),
         sample_index=rows.index, flip_fraction=estimate.flip_fraction(), eps=eps, renorm=renorm,
-        steps=estimate.counted_steps, outputs=_nominal_outputs(out, rows, output_batch_dim, dtype))
+        steps=estimate.counted_steps,
+        # a run in twin_dtype hands back outputs in the model's precision; otherwise as they came
+        outputs=_nominal_outputs(out, rows, output_batch_dim, None if twin_dtype is None else dtype))
+
+
+def _model_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The precision a plain call computes in: that of the model's floating parameters (or
+    buffers), else ``x``'s (a forward may cast ``x``: its dtype is not the model's)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
 def _warn_per_layer(layers: int) -> None:
@@ -294,7 +307,7 @@ class _RunState:
             generator.set_state(state)
 
 
-def _nominal_outputs(out, rows, dim: Optional[int], dtype):
+def _nominal_outputs(out, rows, dim: Optional[int], dtype: Optional[torch.dtype]):
     """``out`` (a tensor or a tuple/list of tensors or None) restricted to the samples' rows:
     along ``dim``, else along the one dimension of the extended batch's size. Where several
     dimensions have that size the shape cannot tell which one indexes the samples (x's
@@ -323,7 +336,7 @@ def _nominal_outputs(out, rows, dim: Optional[int], dtype):
         raise ValueError(f"output_batch_dim: expected a dimension of {what} in every output, "
                          f"got {dim} for an output of shape {tuple(out.shape)}")
     nominal = out.narrow(dim, 0, rows.batch)
-    return nominal.to(dtype) if nominal.is_floating_point() else nominal
+    return nominal.to(dtype) if dtype is not None and nominal.is_floating_point() else nominal
 
 
 def _stepper_estimate(stepper, x, eps, layers, renorm, fraction, twin_dtype, renorm_every,

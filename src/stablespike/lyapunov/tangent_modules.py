@@ -131,6 +131,7 @@ def module_tangents(model, x: torch.Tensor, forward, batch_dim: int, k: int, t_o
     """Run :class:`ModuleTangents`; returns what :meth:`ModuleTangents.result` does."""
     layers = find_layers(model)
     run = ModuleTangents(model, layers, x.shape[batch_dim], k, t_ons, discard, generator)
-    with fwAD.dual_level(), forward_mode_surrogates(layers), shared_across_twins(model, run.copies):
+    time_first = any(layer.adapter.multistep(layer.module, None) for layer in layers)
+    with fwAD.dual_level(), forward_mode_surrogates(layers), shared_across_twins(model, run.copies, time_first):
         run.run(forward, run.copies.extend(x, dim=batch_dim))
     return run.result()
