@@ -1005,6 +1005,31 @@ def test_without_a_generator_the_dropout_masks_are_a_plain_calls():
     assert torch.equal(again.per_sample, res.per_sample)  # reproducible under torch.manual_seed
 
 
+@pytest.mark.parametrize("estimator", [tangent_spectrum, depthwise_gain])
+def test_without_a_generator_the_tangent_estimates_leave_a_plain_calls_state(estimator):
+    """The tangent spectrum and the depth-wise gain draw their directions aside from torch's
+    global generator too: the model's dropout masks are a plain call's, so are the membranes
+    its init_hidden neurons keep afterwards (they differed when the directions came first)."""
+    import snntorch as snn
+    from snntorch import utils
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), snn.Leaky(beta=0.8, threshold=0.5, init_hidden=True), nn.Dropout(0.3),
+                             nn.Linear(16, 3), snn.Leaky(beta=0.8, threshold=0.5, init_hidden=True, output=True)).train()
+
+    def forward(net, x):
+        utils.reset(net)
+        return torch.stack([net(x_t)[1] for x_t in x])
+    x, plain, net = 2 * torch.rand(20, 5, 6, generator=_gen(1)), build(), build()
+    torch.manual_seed(3)
+    forward(plain, x)
+    want = plain[4].mem.detach().clone()  # snnTorch's reset resets every instance: keep a copy
+    torch.manual_seed(3)
+    estimator(net, x, forward=forward)
+    assert torch.allclose(net[4].mem, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("framework", ["snntorch", "spikingjelly"])
 def test_a_failed_first_call_leaves_the_kept_state_as_it_was(framework):
     """A wrong batch_dim fails once the neurons have run a step: the state a streaming forward

@@ -30,7 +30,7 @@ from ..dynamics import state_spec_of, unroll
 from ..forward_mode import forward_mode_surrogates
 from ..neuron_runs import Neuron, NeuronRun
 from ..neurons import find_layers
-from ..twins import random_direction
+from ..twins import drawing_aside, random_direction
 from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 
 
@@ -56,7 +56,8 @@ def depthwise_gain(model, x: torch.Tensor, *, forward: Optional[Callable] = None
     check_generator(generator)
     if uses_neurons(model, forward):
         log = FlooredLog()
-        per_sample = _module_gain(model, x, forward or call_model, check_batch_dim(x, batch_dim), generator, log)
+        with drawing_aside(generator) as generator:  # the model's own draws stay a plain call's
+            per_sample = _module_gain(model, x, forward or call_model, check_batch_dim(x, batch_dim), generator, log)
         return _result(per_sample, log)
     require_stepper(model)
     stepper = model

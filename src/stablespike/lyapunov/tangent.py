@@ -27,7 +27,7 @@ from ..degenerate import FlooredLog, warn_degenerate
 from ..dynamics import state_spec_of, unroll
 from .drivers import call_model, check_batch_dim, require_stepper, uses_neurons
 from .tangent_modules import module_tangents
-from ..twins import TwinRows
+from ..twins import TwinRows, drawing_aside
 
 
 @dataclass
@@ -65,8 +65,9 @@ def tangent_spectrum(model, x: torch.Tensor, *, k: int = 1, forward: Optional[Ca
     check_generator(generator)
     if uses_neurons(model, forward):
         batch_dim = check_batch_dim(x, batch_dim)
-        exponents, per_sample, steps, history, log = module_tangents(
-            model, x, forward or call_model, batch_dim, int(k), int(t_ons), int(discard), generator)
+        with drawing_aside(generator) as generator:  # the model's own draws stay a plain call's
+            exponents, per_sample, steps, history, log = module_tangents(
+                model, x, forward or call_model, batch_dim, int(k), int(t_ons), int(discard), generator)
         warn_tangent(per_sample, log, int(t_ons))
         return TangentResult(exponents, per_sample, steps, history, _convergence(history))
     require_stepper(model)
