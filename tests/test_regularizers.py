@@ -73,7 +73,7 @@ def test_gradient_pushes_lambda_the_right_way(kind):
 def test_unknown_kind_lists_the_valid_ones():
     with pytest.raises(ValueError, match="squared, hinge, asymmetric"):
         compute_lyap_reg_loss(torch.tensor(0.0), "quadratic", 0.0)
-    with pytest.raises(ValueError, match="mult_log"):
+    with pytest.raises(ValueError, match="^kind: expected one of .*mult_log"):
         LyapunovRegularizer(kind="l2")
 
 
@@ -103,3 +103,20 @@ def test_regularizer_refuses_values_that_would_train_silently_wrong(kwargs, name
 def test_penalty_refuses_a_non_finite_target():
     with pytest.raises(ValueError, match="lambda_target: expected a finite number, got nan"):
         compute_lyap_reg_loss(torch.tensor(0.5), "squared", float("nan"))
+
+
+def test_the_result_of_an_estimate_is_penalized_through_its_exponent():
+    """reg(res) with the result itself, not res.exponent: the penalty went through float(res)
+    and had no gradient (the training step silently ignored it)."""
+    from stablespike import SpikingMLP, finite_difference_lyapunov
+    torch.manual_seed(0)
+    model = SpikingMLP(6, [12, 12], 3, threshold=0.3)
+    res = finite_difference_lyapunov(model, torch.rand(4, 10, 6), batch_dim=0, eps=0.1,
+                                     generator=torch.Generator().manual_seed(1))
+    reg = LyapunovRegularizer(weight=0.5, kind="squared", target=-0.1)
+    want = torch.autograd.grad(reg(res.exponent), model.linears[0].weight, retain_graph=True)[0]
+    got = torch.autograd.grad(reg(res), model.linears[0].weight)[0]
+    assert want.abs().sum() > 0
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="lyap_est: expected a tensor, a number or a result"):
+        reg("0.3")

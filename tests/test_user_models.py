@@ -891,6 +891,61 @@ def test_a_torch_dropout_between_multi_step_neurons_gives_twins_their_samples_ma
     assert abs(float(res.exponent) - leak) < 0.01
 
 
+def test_under_cpu_autocast_the_estimate_keeps_its_arithmetic_in_the_states_precision():
+    """Mixed precision in the user's loop: CPU bfloat16 autocast ran the twins' squared
+    distances in bfloat16 (every sample read -0.125 for ln 0.9 = -0.105, with no flips); the
+    layers may run in bfloat16, the estimate's own arithmetic may not."""
+    import snntorch as snn
+    from snntorch import utils
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), snn.Leaky(beta=0.9, init_hidden=True),
+                        nn.Linear(16, 4), snn.Leaky(beta=0.9, init_hidden=True, output=True))
+
+    def forward(net, x):
+        utils.reset(net)
+        return torch.stack([net(x)[0] for _ in range(20)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = finite_difference_lyapunov(net, torch.rand(32, 6, generator=_gen(1)), forward=forward,
+                                         batch_dim=0, eps=1e-4, generator=_gen(0))
+    assert res.flip_fraction == 0.0
+    assert torch.allclose(res.per_sample.detach(), torch.full((32,), math.log(0.9)), atol=2e-3)
+
+
+@pytest.mark.parametrize("init_hidden", [False, True])
+def test_twin_dtype_runs_an_rleaky_net_in_float64_on_every_call(init_hidden):
+    """snnTorch's spike functions return float32 whatever the membrane's dtype, and RLeaky feeds
+    its kept spikes back through its recurrent layer: with twin_dtype=float64 that layer met
+    float32 spikes (init_hidden: from the first call; a user loop: from the second, through
+    init_rleaky()'s zeros of the kept state). Below threshold: ln(beta) on every call."""
+    import snntorch as snn
+    from snntorch import utils
+    torch.manual_seed(0)
+    if init_hidden:
+        net = nn.Sequential(nn.Linear(5, 6), snn.RLeaky(beta=0.8, linear_features=6, init_hidden=True, threshold=1e9),
+                            nn.Linear(6, 3), snn.Leaky(beta=0.8, init_hidden=True, output=True, threshold=1e9))
+
+        def forward(net, x):
+            utils.reset(net)
+            return torch.stack([net(x_t)[0] for x_t in x])
+    else:
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.r1 = nn.Linear(5, 6), snn.RLeaky(beta=0.8, linear_features=6, threshold=1e9)
+
+            def forward(self, x):
+                spk, mem, out = *self.r1.init_rleaky(), []
+                for x_t in x:
+                    spk, mem = self.r1(self.fc1(x_t), spk, mem)
+                    out.append(mem)
+                return torch.stack(out)
+        net, forward = Net(), None
+    x = 3 * torch.rand(14, 4, 5, generator=_gen(1))
+    for _ in range(3):
+        res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-2, twin_dtype=torch.float64)
+        assert abs(float(res.exponent) - math.log(0.8)) < 1e-6
+
+
 class _CastsItsInput(nn.Module):
     """snnTorch tutorial 5 whose forward casts x to float32 itself (x kept in another dtype)."""
 

@@ -146,13 +146,24 @@ class NeuronRun(abc.ABC):
     def entering(self) -> None:
         """Called as a neuron is entered (a subclass may note that the extra rows exist now)."""
 
+    def cast_in(self, obj):
+        """An argument of a neuron call in the precision the run computes in (a subclass may
+        cast it); ``obj`` itself when nothing changes."""
+        return obj
+
+    def cast_kept(self, module: nn.Module) -> None:
+        """The state ``module`` keeps, before its call, in the run's precision (a subclass may
+        cast it)."""
+
     def _extended(self, obj, dim: int):
         """``obj`` (an argument of a neuron call) with each tensor of ``nominal`` rows along
-        ``dim`` (its input, a state the user made for the samples) given the extra rows."""
+        ``dim`` (its input, a state the user made for the samples) given the extra rows, in the
+        run's precision."""
         self.entering()
+        obj = self.cast_in(obj)
         if not self.appends_rows or obj is None or (isinstance(obj, (tuple, list, dict)) and not obj):
             return obj
-        return _map_tensors(obj, lambda t: self.extend(t, dim)
+        return map_tensors(obj, lambda t: self.extend(t, dim)
                             if t.dim() > dim and t.shape[dim] == self.nominal else t)
 
     # --- the run ------------------------------------------------------------------------
@@ -182,7 +193,7 @@ class NeuronRun(abc.ABC):
                     raise ForwardFailed(
                         f"forward: the model failed on x with {self.rows - self.nominal} rows "
                         f"appended to its {self.nominal} samples {self.rows_added} ({e}); "
-                        + _likely_cause(x, self.model)) from e
+                        + _likely_cause(x, self.model, self.kept_dtype is not None)) from e
             _check_outputs(out)
             self.finish()
             return out
@@ -208,12 +219,13 @@ class NeuronRun(abc.ABC):
             cast = self.kept_dtype is not None and t.is_floating_point() and t.dtype != self.kept_dtype
             return t.to(self.kept_dtype) if cast else t
         for container, key, value in user_held_state(self.model, self.neurons):
-            new = _map_tensors(value, trim)
+            new = map_tensors(value, trim)
             if new is not value:
                 container[key] = new
 
     @_eager  # bookkeeping by identity: under torch.compile a graph break per call
     def _before_call(self, n: Neuron, module, args, kwargs):
+        self.cast_kept(module)
         extended_args, extended_kwargs = self._extended(args, 0), self._extended(kwargs, 0)
         extended = extended_args is not args or extended_kwargs is not kwargs
         args, kwargs = extended_args, extended_kwargs
@@ -368,23 +380,23 @@ def _is_stepwise(module: nn.Module) -> bool:
 # --- replacing state tensors by identity -----------------------------------------------------
 def _substitute(obj, replace: Replacement):
     """``obj`` with every tensor in ``replace`` (by id) swapped; ``obj`` itself when nothing was."""
-    return _map_tensors(obj, lambda t: replace.get(id(t), t))
+    return map_tensors(obj, lambda t: replace.get(id(t), t))
 
 
-def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
+def map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
     """``obj`` with ``fn`` applied to every tensor, through tuples (named ones too), lists and
     dicts; ``obj`` itself when ``fn`` returned every tensor unchanged."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
-        items = [_map_tensors(o, fn) for o in obj]
+        items = [map_tensors(o, fn) for o in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*items)
         return type(obj)(items)
     if isinstance(obj, dict):
-        items = {k: _map_tensors(v, fn) for k, v in obj.items()}
+        items = {k: map_tensors(v, fn) for k, v in obj.items()}
         return obj if all(items[k] is obj[k] for k in obj) else items
     return obj
 
@@ -484,7 +496,7 @@ def user_held_state(model: nn.Module, neurons: Sequence[Neuron]) -> list:
 
 def _tensors_in(obj) -> List[torch.Tensor]:
     found: List[torch.Tensor] = []
-    _map_tensors(obj, lambda t: found.append(t) or t)
+    map_tensors(obj, lambda t: found.append(t) or t)
     return found
 
 
@@ -521,13 +533,18 @@ def cast_floats(obj, dtype: torch.dtype):
     return obj
 
 
-def _likely_cause(x, model: nn.Module) -> str:
+def _likely_cause(x, model: nn.Module, recast: bool = False) -> str:
     """The likelier cause of a failed forward: x's dtype where it is not the model's (an
-    integer input to float layers, a float64 input to a float32 model), else batch_dim."""
+    integer input to float layers, a float64 input to a float32 model), else batch_dim.
+    ``recast``: the run cast x and the model to another precision itself (twin_dtype)."""
     weights = next((p for p in model.parameters() if p.is_floating_point()), None) \
         if isinstance(model, nn.Module) else None
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
         return f"x has dtype {x.dtype}: the model's layers may need x.float()"
+    if recast:
+        return ("the model ran in twin_dtype: a tensor the forward made in its own precision may "
+                "have met one of the other; else, if batch_dim is not the dimension of x that "
+                "indexes samples, that is the cause")
     if isinstance(x, torch.Tensor) and weights is not None and x.dtype != weights.dtype:
         return (f"x has dtype {x.dtype} and the model's parameters {weights.dtype}: that is the "
                 f"likely cause (pass x.to({weights.dtype}))")

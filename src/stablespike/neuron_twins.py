@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .neuron_runs import Neuron, NeuronRun, cast_floats
+from .neuron_runs import Neuron, NeuronRun, cast_floats, kept_state, map_tensors
 from .neurons import Layer
 from .sharing import shared_across_twins
 from .twins import TwinEstimate
@@ -64,6 +64,23 @@ class ModuleTwins(NeuronRun):
 
     def entering(self) -> None:
         self.twin_rows.started = True
+
+    def cast_in(self, obj):
+        if self.dtype is None or obj is None:
+            return obj
+        return map_tensors(obj, self._in_run_dtype)
+
+    def cast_kept(self, module: nn.Module) -> None:
+        # what the neuron keeps in another precision: snnTorch's float32 spikes (its spike
+        # functions return float32 whatever the membrane's dtype), which RLeaky feeds back into
+        # its recurrent layer, and states the forward made before the run (init_rleaky())
+        if self.dtype is not None:
+            for container, key, value in kept_state(module):
+                if value.is_floating_point() and value.dtype != self.dtype:
+                    container[key] = value.to(self.dtype)
+
+    def _in_run_dtype(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
 
     def wrap_output(self, output):
         return output if self.dtype is None else cast_floats(output, self.dtype)

@@ -291,11 +291,14 @@ class _Renormalize(torch.autograd.Function):
 
 
 def _group_sq(d: torch.Tensor, widths, groups, other: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``(G, K)``: per group of column blocks, the row-wise dot of ``d`` with ``other`` (itself)."""
+    """``(G, K)``: per group of column blocks, the row-wise dot of ``d`` with ``other`` (itself),
+    in their own precision: autocast would run ``vecdot`` in bfloat16 (an LIF net's ln 0.9 read
+    -0.125 under CPU autocast)."""
     other = d if other is None else other
-    if max(groups) == 0:
-        return torch.linalg.vecdot(d, other).unsqueeze(0)
-    dots = torch.stack([torch.linalg.vecdot(a, b) for a, b in zip(d.split(widths, 1), other.split(widths, 1))])
+    with torch.autocast(d.device.type, enabled=False):
+        if max(groups) == 0:
+            return torch.linalg.vecdot(d, other).unsqueeze(0)
+        dots = torch.stack([torch.linalg.vecdot(a, b) for a, b in zip(d.split(widths, 1), other.split(widths, 1))])
     return _group_sum(dots, groups)
 
 

@@ -6,6 +6,7 @@ measuring apart from changing. ``lam`` below is the exponent estimate (a tensor)
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -78,12 +79,12 @@ PENALTIES: Dict[str, Callable] = {
 PENALTY_KINDS = tuple(PENALTIES)
 
 
-def _check_kind(kind: str) -> Callable:
+def _check_kind(kind: str, name: str = "reg_type") -> Callable:
     try:
         return PENALTIES[kind]
     except (KeyError, TypeError):
         raise ValueError(
-            f"reg_type: expected one of {', '.join(PENALTY_KINDS)}, got {kind!r}"
+            f"{name}: expected one of {', '.join(PENALTY_KINDS)}, got {kind!r}"
         ) from None
 
 
@@ -100,14 +101,22 @@ def compute_lyap_reg_loss(lyap_est: torch.Tensor, reg_type: str, lambda_target: 
     """Seed 002's penalty on an exponent estimate (scalar or any shape; elementwise), plus
     ``flossing``, the sum of squares of a spectrum ``(k,)`` from :func:`tangent_spectrum`.
 
-    ``lambda_target`` is used by ``squared`` and ``adaptive_sigmoid``; ``lyap_threshold`` by
-    ``extreme``, ``adaptive_*``. An unknown ``reg_type`` raises ValueError listing the valid ones.
+    ``lyap_est``: a tensor (the gradient flows through it), a number, or the result of
+    :func:`finite_difference_lyapunov` (its ``.exponent``). ``lambda_target`` is used by
+    ``squared`` and ``adaptive_sigmoid``; ``lyap_threshold`` by ``extreme``, ``adaptive_*``. An
+    unknown ``reg_type`` raises ValueError listing the valid ones.
     """
     penalty = _check_kind(reg_type)
     for name, value in (("lambda_target", lambda_target), ("lyap_threshold", lyap_threshold)):
         if not _is_finite(value):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    exponent = getattr(lyap_est, "exponent", None)
+    if isinstance(exponent, torch.Tensor):  # a result of finite_difference_lyapunov: its exponent
+        lyap_est = exponent  # (float() of the result would cut the penalty off from the graph)
     if not isinstance(lyap_est, torch.Tensor):
+        if isinstance(lyap_est, bool) or not isinstance(lyap_est, numbers.Real):
+            raise TypeError(f"lyap_est: expected a tensor, a number or a result of "
+                            f"finite_difference_lyapunov, got {type(lyap_est).__name__}")
         lyap_est = torch.as_tensor(float(lyap_est))
     return penalty(lyap_est, float(lambda_target), float(lyap_threshold))
 
@@ -127,7 +136,7 @@ class LyapunovRegularizer:
     warmup_epochs: int = 0
 
     def __post_init__(self):
-        _check_kind(self.kind)
+        _check_kind(self.kind, "kind")
         if not _is_finite(self.weight) or self.weight < 0:
             raise ValueError(f"weight: expected a finite number >= 0, got {self.weight!r}")
         for name in ("target", "threshold"):  # a NaN target makes every penalty NaN: a "diverged" run
