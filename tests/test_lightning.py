@@ -149,6 +149,31 @@ def test_the_lyapunov_estimate_is_logged_and_leaves_training_as_it_was(tmp_path)
     assert len(lyap) == 2 and all(-5 < v < 5 for v in lyap)
 
 
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_the_estimate_leaves_a_streaming_spikingjelly_nets_state_as_training_had_it(step_mode):
+    """A forward that does not reset: training carries each neuron's v from batch to batch.
+    spikingjelly keeps v as a plain attribute, not a buffer, and the estimate left it changed
+    (training with lyapunov_every then ended with other weights than without)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    from stablespike.integrations.lightning import DiagnosticsCallback
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(8, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 4), neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(net, step_mode)
+
+    def forward(net, x):  # no reset_net: the state carries over
+        if step_mode == "m":
+            return net(x.unsqueeze(0).repeat(T, 1, 1)).sum(0)
+        return torch.stack([net(x) for _ in range(T)]).sum(0)
+    x = 2 * torch.rand(6, 8)
+    with torch.no_grad():
+        forward(net, x)
+    before = [net[1].v.clone(), net[3].v.clone()]
+    callback = DiagnosticsCallback(lyapunov_every=1, forward=forward, batch_dim=0)
+    callback._net = net
+    callback._lyapunov((x, None))
+    assert all(torch.equal(net[i].v, v) for i, v in zip((1, 3), before))
+
+
 def test_bad_arguments_are_named():
     from stablespike.integrations.lightning import DiagnosticsCallback
     with pytest.raises(ValueError, match="every"):

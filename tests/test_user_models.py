@@ -891,6 +891,39 @@ def test_a_torch_dropout_between_multi_step_neurons_gives_twins_their_samples_ma
     assert abs(float(res.exponent) - leak) < 0.01
 
 
+@pytest.mark.parametrize("framework", ["snntorch", "spikingjelly-s", "spikingjelly-m"])
+def test_the_state_left_behind_can_be_detached_in_place_for_truncated_bptt(framework):
+    """Truncated BPTT detaches the kept state in place (snnTorch detach_hidden, spikingjelly
+    detach_net); the state an estimate left was a view of the run's rows: 'Can't detach views
+    in-place'."""
+    import snntorch as snn
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    if framework == "snntorch":
+        net = nn.Sequential(nn.Linear(8, 16), snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 4),
+                            snn.Leaky(beta=0.9, init_hidden=True, output=True))
+
+        def forward(net, x):
+            return torch.stack([net(x)[0] for _ in range(5)]).sum(0)
+
+        def detach(net):
+            snn.Leaky.detach_hidden()
+    else:
+        net = nn.Sequential(layer.Linear(8, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 4), neuron.LIFNode(tau=2.0))
+        multistep = framework.endswith("m")
+        functional.set_step_mode(net, "m" if multistep else "s")
+
+        def forward(net, x):
+            if multistep:
+                return net(x.unsqueeze(0).repeat(5, 1, 1)).sum(0)
+            return torch.stack([net(x) for _ in range(5)]).sum(0)
+        detach = functional.detach_net
+    res = finite_difference_lyapunov(net, 2 * torch.rand(6, 8, generator=_gen(1)), forward=forward,
+                                     batch_dim=0, eps=1e-2)
+    (res.outputs.sum() + res.exponent).backward()
+    detach(net)
+
+
 def test_under_cpu_autocast_the_estimate_keeps_its_arithmetic_in_the_states_precision():
     """Mixed precision in the user's loop: CPU bfloat16 autocast ran the twins' squared
     distances in bfloat16 (every sample read -0.125 for ln 0.9 = -0.105, with no flips); the

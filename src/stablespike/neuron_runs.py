@@ -217,7 +217,7 @@ class NeuronRun(abc.ABC):
                 return t
             t = t[: self.nominal]
             cast = self.kept_dtype is not None and t.is_floating_point() and t.dtype != self.kept_dtype
-            return t.to(self.kept_dtype) if cast else t
+            return t.to(self.kept_dtype) if cast else t.clone()  # a view could not be detached in place
         for container, key, value in user_held_state(self.model, self.neurons):
             new = map_tensors(value, trim)
             if new is not value:
@@ -505,10 +505,12 @@ def _keep_rows(module: nn.Module, layout: RowLayout, dtype: Optional[torch.dtype
     ``(T, B, ...)``) and, given ``dtype``, its floating tensors cast to it (a run in another
     precision must leave the state a plain call leaves: the next call starts from it)."""
     for container, key, value in kept_state(module):
-        value = nominal_rows(value, layout, time_first=key.endswith("_seq"))
-        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
-        container[key] = value
+        kept = nominal_rows(value, layout, time_first=key.endswith("_seq"))
+        if dtype is not None and kept.is_floating_point() and kept.dtype != dtype:
+            kept = kept.to(dtype)
+        elif kept is not value:
+            kept = kept.clone()  # not a view of the run's rows: the framework may detach it in place (TBPTT)
+        container[key] = kept
 
 
 def _carry_rows(module: nn.Module, nominal: int, extend: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -50,6 +50,8 @@ from torch import nn
 from ..callbacks import layer_row, row_scalars, write_rate_histogram
 from ..distributed import current, mean_across_ranks
 from ..lyapunov import finite_difference_lyapunov
+from ..lyapunov.finite_difference import RunState
+from ..neurons import find_layers
 from ..profiler import ProfileReport, SpikeProfiler
 from ..stability import gradient_norm
 
@@ -186,17 +188,20 @@ class DiagnosticsCallback(pl.Callback):
 
     def _lyapunov(self, batch) -> float:
         """The finite-size exponent of the network on ``batch``'s input, merged over the ranks;
-        the random generator and every buffer are left as training had them."""
+        the random generators, every buffer and the state the neurons keep (snnTorch's ``mem``,
+        spikingjelly's ``v``) are left as training had them."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         net = self._net
-        saved = {name: b.detach().clone() for name, b in net.named_buffers()}
-        devices = [x.device] if isinstance(x, torch.Tensor) and x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():  # dropout on a GPU draws there
-            res = finite_difference_lyapunov(net, x, forward=self.forward, batch_dim=self.batch_dim,
-                                             eps=self.lyap_eps)
-        buffers = dict(net.named_buffers())
-        for name, value in saved.items():
-            buffers[name].copy_(value)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"batch: expected a tensor or a tuple/list whose first entry is the "
+                             f"input tensor, got {type(x).__name__}")
+        saved = RunState(net, find_layers(net), x, None)
+        try:
+            with torch.no_grad():
+                res = finite_difference_lyapunov(net, x, forward=self.forward, batch_dim=self.batch_dim,
+                                                 eps=self.lyap_eps)
+        finally:
+            saved.restore()
         return float(mean_across_ranks(res.exponent.detach().reshape(())))
 
     def _log(self, trainer, metrics: Dict[str, float], step: int, histograms: Optional[Dict] = None) -> None:

@@ -253,7 +253,7 @@ def _where_twins_enter(model, neurons, x, forward, generator, attempt):
     key = _forward_key(forward)
     where = known.get(key)
     if where != "x":
-        saved = None if where == "neurons" else _RunState(model, neurons, x, generator)
+        saved = None if where == "neurons" else RunState(model, neurons, x, generator)
         try:
             result = attempt(True)
         except ForwardFailed:
@@ -278,9 +278,11 @@ def _where_twins_enter(model, neurons, x, forward, generator, attempt):
     return result
 
 
-class _RunState:
+class RunState:
     """A model's buffers (batch-norm statistics), the state its neurons kept from an earlier
-    call, and the random states a forward draws from."""
+    call (and the user's modules hold: a streaming forward's ``self.state``), and the random
+    states a forward draws from; :meth:`restore` puts them back. ``neurons``: the model's
+    neuron layers (:func:`stablespike.neurons.find_layers`)."""
 
     def __init__(self, model, neurons, x: torch.Tensor, generator: Optional[torch.Generator]):
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
