@@ -924,6 +924,65 @@ def test_the_state_left_behind_can_be_detached_in_place_for_truncated_bptt(frame
     detach(net)
 
 
+@pytest.mark.parametrize("estimator", ["tangent", "depth"])
+def test_the_gradient_of_tangent_estimates_equals_a_central_difference(estimator):
+    """A penalty on the tangent exponents (flossing) or the depth-wise gain: its gradient must
+    include how the surrogate's slope s'(u) moves with the state (the JVP of the framework's
+    spike function was taken at a detached u: the first layer's gradient came out 0 against a
+    central difference of 0.03). spikingjelly single-step LIF, float64, soft reset."""
+    from spikingjelly.activation_based import functional, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), neuron.LIFNode(tau=2., v_threshold=0.5, v_reset=None, detach_reset=True),
+                        nn.Linear(8, 8), neuron.LIFNode(tau=2., v_threshold=0.5, v_reset=None, detach_reset=True)).double()
+
+    def forward(net, x):
+        functional.reset_net(net)
+        return torch.stack([net(x_t) for x_t in x])
+    x = 2 * torch.rand(30, 4, 6, dtype=torch.float64, generator=_gen(0))
+
+    def value():
+        if estimator == "tangent":
+            return tangent_spectrum(net, x, forward=forward, k=2, generator=_gen(1)).exponents.sum()
+        return depthwise_gain(net, x, forward=forward, generator=_gen(1)).per_layer.sum()
+    weight, h = net[0].weight, 1e-6
+    grad, = torch.autograd.grad(value(), weight)
+    with torch.no_grad():
+        weight[2, 3] += h
+        up = value()
+        weight[2, 3] -= 2 * h
+        down = value()
+        weight[2, 3] += h
+    central = float(up - down) / (2 * h)
+    assert abs(central) > 1e-3  # the first layer matters
+    assert abs(float(grad[2, 3]) - central) < 1e-4 * max(1.0, abs(central))
+
+
+def test_analyze_dynamics_leaves_the_model_as_one_plain_call_does():
+    """analyze_dynamics runs the model once per measurement: batch norm counted three batches
+    (num_batches_tracked 3 against 1 per forward) and the spikingjelly dropout mask was the last
+    run's; the model is now left as after the first. Nothing it returns keeps a gradient."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1, bias=False), layer.BatchNorm2d(4), neuron.LIFNode(),
+                        layer.MaxPool2d(2), layer.Flatten(), layer.Dropout(0.5), layer.Linear(4 * 4 * 4, 5),
+                        neuron.LIFNode()).train()
+    functional.set_step_mode(net, "m")
+
+    def forward(net, x):
+        functional.reset_net(net)
+        return net(x)
+    x = 3 * torch.rand(6, 4, 2, 8, 8, generator=_gen(1))
+    plain = copy.deepcopy(net)
+    torch.manual_seed(3)
+    forward(plain, x)
+    torch.manual_seed(3)
+    report = stablespike.analyze_dynamics(net, x, forward=forward, eps=1e-3, k=2, depth=True)
+    assert int(net[1].num_batches_tracked) == int(plain[1].num_batches_tracked) == 1
+    assert torch.allclose(net[1].running_mean, plain[1].running_mean, atol=1e-6)
+    assert torch.equal(net[5].mask, plain[5].mask)
+    assert not report.depth.per_layer.requires_grad and not report.tangent.exponents.requires_grad
+
+
 def test_under_cpu_autocast_the_estimate_keeps_its_arithmetic_in_the_states_precision():
     """Mixed precision in the user's loop: CPU bfloat16 autocast ran the twins' squared
     distances in bfloat16 (every sample read -0.125 for ln 0.9 = -0.105, with no flips); the

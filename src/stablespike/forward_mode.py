@@ -28,13 +28,17 @@ _NORSE_FUNCTIONS = ("superspike_fn", "triangle_fn", "heavi_tanh_fn", "heavi_circ
 
 
 def _vjp(fn: Callable, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``v^T J`` of the elementwise ``fn`` at ``u`` (= ``J v``: J is diagonal)."""
+    """``v^T J`` of the elementwise ``fn`` at ``u`` (= ``J v``: J is diagonal). Where grad mode
+    is on, differentiable in ``v`` and in ``u``: a penalty on the tangent exponents reaches the
+    weights before a spike through the surrogate's slope ``s'(u)`` too (through ``v`` alone,
+    the first layer's gradient came out 0)."""
+    graph = torch.is_grad_enabled() and (u.requires_grad or v.requires_grad)
     with torch.enable_grad():
-        leaf = u.detach().requires_grad_(True)
-        out = fn(leaf)
+        at = u if graph and u.requires_grad else u.detach().requires_grad_(True)
+        out = fn(at)
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return torch.zeros_like(v)  # a spike function without a surrogate (Heaviside)
-        (grad,) = torch.autograd.grad(out, leaf, v.to(out.dtype), create_graph=v.requires_grad)
+        (grad,) = torch.autograd.grad(out, at, v.to(out.dtype), create_graph=graph)
     return grad.to(v.dtype)
 
 

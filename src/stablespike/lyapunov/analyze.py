@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
+from ..neurons import find_layers
 from .depth import DepthGainResult, depthwise_gain
-from .finite_difference import FiniteDifferenceResult, finite_difference_lyapunov
+from .finite_difference import FiniteDifferenceResult, RunState, finite_difference_lyapunov
 from .tangent import TangentResult, tangent_spectrum
 
 
@@ -36,17 +38,35 @@ def analyze_dynamics(model, x: torch.Tensor, *, forward: Optional[Callable] = No
     ``eps``: finite-difference exponent at that perturbation size (None: skip); ``k``: top-k
     tangent spectrum (0: skip); ``depth``: depth-wise gain (feedforward depth). No gradients are
     kept: this is for looking, the estimators themselves are the differentiable loss terms.
+    Each measurement runs the model; a module is left as after the first of them, as after one
+    plain call (batch-norm statistics updated once, the state its neurons keep, random state).
     """
     how = {"forward": forward, "batch_dim": batch_dim, "generator": generator}
     report = DynamicsReport()
-    with torch.no_grad():
-        if eps is not None:
-            report.finite_difference = finite_difference_lyapunov(model, x, eps=eps, discard=discard, **how)
+    after_first = []  # the model's state after the first measurement, restored after the others
+
+    def measured(run):
+        if after_first:
+            try:
+                return run()
+            finally:
+                after_first[0].restore()
+        result = run()
+        if isinstance(model, nn.Module) and isinstance(x, torch.Tensor):
+            after_first.append(RunState(model, find_layers(model), x, generator))
+        return result
+
+    if eps is not None:
+        with torch.no_grad():
+            report.finite_difference = measured(
+                lambda: finite_difference_lyapunov(model, x, eps=eps, discard=discard, **how))
     if k:
         with torch.enable_grad():  # forward-mode AD; detached below
-            report.tangent = tangent_spectrum(model, x, k=k, t_ons=t_ons, discard=discard, **how)
+            report.tangent = measured(lambda: tangent_spectrum(model, x, k=k, t_ons=t_ons, discard=discard, **how))
         report.tangent.exponents = report.tangent.exponents.detach()
         report.tangent.per_sample = report.tangent.per_sample.detach()
     if depth:
-        report.depth = depthwise_gain(model, x, **how)
+        report.depth = measured(lambda: depthwise_gain(model, x, **how))
+        report.depth.per_layer = report.depth.per_layer.detach()
+        report.depth.per_sample = report.depth.per_sample.detach()
     return report

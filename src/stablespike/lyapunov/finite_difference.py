@@ -22,6 +22,7 @@ Differences from the seeds, on purpose:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -290,6 +291,10 @@ class RunState:
         # themselves are the state before the call
         self.kept = [entry for n in neurons for entry in kept_state(n.module)]
         self.kept += user_held_state(model, neurons)  # a streaming forward's self.state
+        # a dict or list the model mutates in place (spikingjelly's memories: a dropout mask)
+        # holds the run's tensors by the end: its entries are kept as they are now
+        self.entries = [copy.copy(value) if isinstance(value, (dict, list)) else None
+                        for _, _, value in self.kept]
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         self.generator = generator, (generator.get_state() if generator is not None else None)
@@ -299,8 +304,13 @@ class RunState:
         with torch.no_grad():
             for b, value in self.buffers:
                 b.copy_(value)
-        for container, key, value in self.kept:
+        for (container, key, value), entries in zip(self.kept, self.entries):
             container[key] = value
+            if isinstance(entries, dict):
+                value.clear()
+                value.update(entries)
+            elif entries is not None:
+                value[:] = entries
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
