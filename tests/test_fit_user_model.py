@@ -285,3 +285,50 @@ def test_fit_trains_an_init_hidden_snntorch_sequential_with_the_penalty(digits):
     with torch.no_grad():  # the class with the most output spikes, counted by hand
         spikes, _ = forward_steps(model.eval(), digits.x_test)
     assert result.history[-1].test_acc == pytest.approx(float((spikes.sum(0).argmax(1) == digits.y_test).float().mean()))
+
+
+class _Spy:
+    """A callback that notes the protocol's calls and the model's forwards between them."""
+
+    def __init__(self, stop_at=None):
+        self.events, self.stop_at, self.forwards = [], stop_at, 0
+
+    def on_train_begin(self, model):
+        model.register_forward_hook(lambda *a: setattr(self, "forwards", self.forwards + 1))
+        self.events.append("begin")
+
+    def on_batch_end(self, step, model, loss=None, lyapunov=None):
+        self.events.append("batch")
+        if self.stop_at is not None and self.events.count("batch") == self.stop_at:
+            raise KeyboardInterrupt
+
+    def on_eval_begin(self):
+        self.events.append("eval_begin")
+        self.forwards = 0
+
+    def on_eval_end(self):
+        self.events.append(f"eval_end:{self.forwards}")
+
+    def on_train_end(self):
+        self.events.append("end")
+
+    def on_exception(self, err):
+        self.events.append(type(err).__name__)
+
+
+def test_callbacks_hear_of_evaluation_and_of_an_interrupt(digits):
+    """Evaluation is announced (a DiagnosticsCallback counted the test set's spikes into its next
+    row), and an interrupt too: a DiagnosticsCallback's hooks stayed on the model and recorded
+    every later forward."""
+    from stablespike import DiagnosticsCallback
+    spy, model = _Spy(), net()
+    fit(model, digits, config(epochs=2), forward=forward, loss=loss, callbacks=[spy])
+    evals = [e for e in spy.events if e.startswith("eval_end")]
+    assert spy.events.count("eval_begin") == 2 and all(int(e.split(":")[1]) > 0 for e in evals)
+    assert spy.events[-1] == "end" and spy.events.index("eval_begin") > spy.events.index("batch")
+    diag, stop, model = DiagnosticsCallback(every=2), _Spy(stop_at=3), net()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, digits, config(epochs=2), forward=forward, loss=loss, callbacks=[diag, stop])
+    assert stop.events[-1] == "KeyboardInterrupt"
+    left = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules() if m is not model)
+    assert left == 0  # the spy's own hook sits on the model itself

@@ -343,6 +343,7 @@ BAD = [
     (lambda: ss.register_neuron(nn.ReLU, threshold=1.0), TypeError, "threshold"),
     (lambda: ss.DiagnosticsCallback(every=True), ValueError, "every"),
     (lambda: ss.DiagnosticsCallback(max_history=0), ValueError, "max_history"),
+    (lambda: ss.DiagnosticsCallback(compute_sv="yes"), TypeError, "compute_sv"),
     (lambda: ss.DiagnosticsCallback(sink="log.jsonl"), TypeError, "sink"),
     (lambda: ss.DiagnosticsCallback(profiler=StabilityMonitor()), TypeError, "profiler"),
 ]

@@ -49,6 +49,8 @@ class DiagnosticsCallback:
             raise ValueError(f"every: expected an integer >= 1, got {every!r}")
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
             raise ValueError(f"max_history: expected an integer >= 1, got {max_history!r}")
+        if not isinstance(compute_sv, bool):
+            raise TypeError(f"compute_sv: expected True or False, got {compute_sv!r}")
         if sink is not None and not callable(sink):
             raise TypeError(f"sink: expected a function of one dict, or None, got {sink!r}")
         if profiler is not None and not isinstance(profiler, SpikeProfiler):
@@ -93,6 +95,17 @@ class DiagnosticsCallback:
         return row
 
     def on_train_end(self) -> None:
+        self.profiler.detach()
+
+    def on_eval_begin(self) -> None:
+        """``fit`` evaluates: the rows describe training batches, so the hooks stop counting."""
+        self.profiler.pause()
+
+    def on_eval_end(self) -> None:
+        self.profiler.resume()
+
+    def on_exception(self, err: BaseException) -> None:
+        """``fit`` raised (or was interrupted): no hooks are left on the model."""
         self.profiler.detach()
 
 

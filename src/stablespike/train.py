@@ -323,8 +323,9 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
     any other output gives an accuracy of NaN (never a guess).
 
     ``callbacks``: objects with ``on_train_begin(model)``, ``on_batch_end(step, model, loss,
-    lyapunov)`` (after ``backward``) and ``on_train_end()``, such as
-    :class:`~stablespike.callbacks.DiagnosticsCallback`.
+    lyapunov)`` (after ``backward``) and ``on_train_end()``, and optionally ``on_eval_begin()`` /
+    ``on_eval_end()`` around each epoch's evaluation and ``on_exception(err)`` when the loop
+    raises (an interrupt too), such as :class:`~stablespike.callbacks.DiagnosticsCallback`.
 
     Under ``torchrun`` (more than one rank) the model is wrapped in DistributedDataParallel, each
     rank takes ``config.batch_size / world size`` samples per step from a DistributedSampler, the
@@ -367,40 +368,53 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, out_dir: Optional[
                 else None)
     for cb in callbacks:
         cb.on_train_begin(model)
-    # the profiler's hooks go when the loop ends, even by an exception
-    with torch.random.fork_rng(devices=_rng_devices(ranks.device)), (profiler or contextlib.nullcontext()):
-        for epoch in range(start, config.epochs + 1):
-            metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks,
-                                   forward, loss)
-            if metrics is None:
-                result.status, result.diverged_epoch = "DIVERGED", epoch
-                log.warning("run diverged at epoch %d (non-finite loss)", epoch)
-                break
-            average_buffers(model)  # every rank evaluates and saves the same model
-            layers = _epoch_layers(profiler)  # the training batches' figures, before evaluation
-            test_gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, ranks.rank, _TEST))
-            metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config, test_gen,
-                                                           forward, loss)
-            sched.step()
-            metrics.lr = sched.get_last_lr()[0]
-            result.history.append(metrics)
-            if writes:  # the checkpoint first: a metrics line never runs ahead of it
-                _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "epoch": epoch,
-                              "history": [asdict(m) for m in result.history]}, ckpt)
-                append_line(metrics_path, json.dumps(asdict(metrics)))
-            if writer is not None:
-                for key, value in asdict(metrics).items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        writer.add_scalar(key, value, epoch)
-                TensorBoardSink(writer=writer)({"global_step": epoch, **layers})
-            if profiler is not None:
-                profiler.resume()
+    try:
+        # the profiler's hooks go when the loop ends, even by an exception
+        with torch.random.fork_rng(devices=_rng_devices(ranks.device)), (profiler or contextlib.nullcontext()):
+            for epoch in range(start, config.epochs + 1):
+                metrics = _train_epoch(model, net, data, config, opt, reg, epoch, ranks, local_batch, callbacks,
+                                       forward, loss)
+                if metrics is None:
+                    result.status, result.diverged_epoch = "DIVERGED", epoch
+                    log.warning("run diverged at epoch %d (non-finite loss)", epoch)
+                    break
+                average_buffers(model)  # every rank evaluates and saves the same model
+                layers = _epoch_layers(profiler)  # the training batches' figures, before evaluation
+                test_gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, ranks.rank, _TEST))
+                _tell(callbacks, "on_eval_begin")  # their hooks count training batches only
+                metrics.test_loss, metrics.test_acc = evaluate(model, data.x_test, data.y_test, config, test_gen,
+                                                               forward, loss)
+                _tell(callbacks, "on_eval_end")
+                sched.step()
+                metrics.lr = sched.get_last_lr()[0]
+                result.history.append(metrics)
+                if writes:  # the checkpoint first: a metrics line never runs ahead of it
+                    _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "epoch": epoch,
+                                  "history": [asdict(m) for m in result.history]}, ckpt)
+                    append_line(metrics_path, json.dumps(asdict(metrics)))
+                if writer is not None:
+                    for key, value in asdict(metrics).items():
+                        if isinstance(value, (int, float)) and key != "epoch":
+                            writer.add_scalar(key, value, epoch)
+                    TensorBoardSink(writer=writer)({"global_step": epoch, **layers})
+                if profiler is not None:
+                    profiler.resume()
+    except BaseException as err:  # KeyboardInterrupt too: callbacks take their hooks off the model
+        _tell(callbacks, "on_exception", err)
+        raise
     for cb in callbacks:
         cb.on_train_end()
     if writer is not None:
         writer.close()
     return result
+
+
+def _tell(callbacks, hook: str, *args) -> None:
+    """Call ``hook(*args)`` on the callbacks that define it (optional hooks of the protocol)."""
+    for cb in callbacks:
+        if callable(getattr(cb, hook, None)):
+            getattr(cb, hook)(*args)
 
 
 def _epoch_layers(profiler: Optional[SpikeProfiler]) -> dict:

@@ -14,8 +14,9 @@ does not import it. What it does during ``trainer.fit``:
 * every ``every``-th optimizer step, in ``on_before_optimizer_step`` (where Lightning documents the
   gradients as unscaled), makes a row over the batches since the previous row and logs it through
   every logger of the trainer at ``trainer.global_step``: per neuron layer ``firing_rate/<layer>``,
-  ``dead_fraction/<layer>`` (neurons that never fired), ``grad_norm/<layer>`` (the gradient
-  reaching the layer's input current, divided by the AMP loss scale when there is one), and
+  ``dead_fraction/<layer>`` (neurons firing below the profiler's dead rate, 0.01 by default),
+  ``grad_norm/<layer>`` (the gradient reaching the layer's input current, divided by the AMP loss
+  scale when there is one), and
   ``diagnostics/health_score``, ``diagnostics/grad_norm`` (all parameters),
   ``diagnostics/mean_firing_rate``, ``diagnostics/findings`` (their number), ``diagnostics/loss``;
   a TensorBoard logger also gets the histogram ``rate_histogram/<layer>`` of the layer's
