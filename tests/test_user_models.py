@@ -983,6 +983,47 @@ def test_analyze_dynamics_leaves_the_model_as_one_plain_call_does():
     assert not report.depth.per_layer.requires_grad and not report.tangent.exponents.requires_grad
 
 
+class _UserKeptMembranes(nn.Module):
+    """snnTorch tutorial 5 streaming: the user's module keeps mem1, mem2 between calls."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        import snntorch as snn
+        self.fc1, self.l1 = nn.Linear(5, 8), snn.Leaky(beta=0.9, threshold=threshold)
+        self.fc2, self.l2 = nn.Linear(8, 4), snn.Leaky(beta=0.9, threshold=threshold)
+        self.m1 = self.m2 = None
+
+    def forward(self, x):  # (T, B, 5)
+        m1 = self.m1 if self.m1 is not None else self.l1.init_leaky()
+        m2 = self.m2 if self.m2 is not None else self.l2.init_leaky()
+        out = []
+        for x_t in x:
+            z, m1 = self.l1(self.fc1(x_t), m1)
+            z, m2 = self.l2(self.fc2(z), m2)
+            out.append(z)
+        self.m1, self.m2 = m1, m2
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 1e9])
+def test_tangents_start_from_the_membranes_a_streaming_users_module_kept(threshold):
+    """k > 1 tangents run k copies of each sample; a state the user's module kept from the last
+    call had the samples' rows only, so snnTorch restarted it from zero for the wider input: the
+    estimate ran on another trajectory and left other membranes than a plain call."""
+    torch.manual_seed(5)
+    net = _UserKeptMembranes(threshold)
+    x1, x2 = (2 * torch.rand(6, 4, 5, generator=_gen(s)) for s in (1, 2))
+    with torch.no_grad():
+        net(x1)
+    reference = copy.deepcopy(net)
+    res = tangent_spectrum(net, x2, k=3, generator=_gen(3))
+    with torch.no_grad():
+        reference(x2)
+    assert torch.allclose(net.m1, reference.m1, atol=1e-6) and torch.allclose(net.m2, reference.m2, atol=1e-6)
+    if threshold > 1:
+        assert torch.allclose(res.exponents.detach(), torch.full((3,), math.log(0.9)), atol=1e-4)
+
+
 def test_under_cpu_autocast_the_estimate_keeps_its_arithmetic_in_the_states_precision():
     """Mixed precision in the user's loop: CPU bfloat16 autocast ran the twins' squared
     distances in bfloat16 (every sample read -0.125 for ln 0.9 = -0.105, with no flips); the
@@ -1036,6 +1077,55 @@ def test_twin_dtype_runs_an_rleaky_net_in_float64_on_every_call(init_hidden):
     for _ in range(3):
         res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-2, twin_dtype=torch.float64)
         assert abs(float(res.exponent) - math.log(0.8)) < 1e-6
+
+
+def test_the_tangent_spectrum_under_cpu_autocast_with_a_bfloat16_state():
+    """spikingjelly's state follows its input's dtype: under CPU bfloat16 autocast it is
+    bfloat16, and the QR re-orthonormalization (float32 under autocast, no bfloat16 kernel)
+    handed float32 tangents to a bfloat16 state: "expected m1 and m2 to have the same dtype"."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 16), neuron.LIFNode(tau=2., v_threshold=0.3),
+                        layer.Linear(16, 16), neuron.LIFNode(tau=2., v_threshold=0.3))
+
+    def forward(net, x):
+        functional.reset_net(net)
+        return torch.stack([net(x_t) for x_t in x])
+    x = torch.rand(30, 4, 5, generator=_gen(1))
+    want = tangent_spectrum(net, x, forward=forward, k=4, generator=_gen(0)).exponents.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tangent_spectrum(net, x, forward=forward, k=4, generator=_gen(0)).exponents.detach()
+    assert torch.allclose(got.float(), want, atol=0.02)
+
+
+def test_twins_share_batch_norm_under_cpu_autocast():
+    """A train-mode BatchNorm1d meeting the extra rows under CPU bfloat16 autocast (rows in
+    bfloat16, parameters in float32): the shared statistics came in bfloat16 and aten refused
+    the mix ("mixed dtype (CPU): expect parameter to have scalar type of Float")."""
+    import snntorch as snn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.lif1 = nn.Linear(20, 30), nn.BatchNorm1d(30), snn.Leaky(beta=0.9, threshold=0.5)
+            self.fc2, self.lif2 = nn.Linear(30, 10), snn.Leaky(beta=0.9, threshold=0.5)
+
+        def forward(self, x):
+            mem1, mem2, out = self.lif1.init_leaky(), self.lif2.init_leaky(), []
+            for _ in range(10):
+                spk1, mem1 = self.lif1(self.bn(self.fc1(x)), mem1)
+                spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+                out.append(spk2)
+            return torch.stack(out)
+    torch.manual_seed(0)
+    net, x = Net().train(), torch.rand(8, 20, generator=_gen(1))
+    reference = copy.deepcopy(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = tangent_spectrum(net, x, batch_dim=0, k=3, generator=_gen(2))
+        res.exponents.sum().backward()
+        reference(x)
+    assert torch.isfinite(res.exponents).all() and net.fc1.weight.grad is not None
+    assert torch.allclose(net.bn.running_mean, reference.bn.running_mean, atol=1e-2)
 
 
 class _CastsItsInput(nn.Module):

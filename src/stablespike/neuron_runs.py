@@ -158,13 +158,18 @@ class NeuronRun(abc.ABC):
     def _extended(self, obj, dim: int):
         """``obj`` (an argument of a neuron call) with each tensor of ``nominal`` rows along
         ``dim`` (its input, a state the user made for the samples) given the extra rows, in the
-        run's precision."""
+        run's precision. Where ``x`` came with the extra rows, only a state of ``nominal`` rows
+        is extended: one the user's module kept from an earlier call (a streaming forward's
+        ``self.mem``), which snnTorch would otherwise restart from zero for the wider input."""
         self.entering()
         obj = self.cast_in(obj)
-        if not self.appends_rows or obj is None or (isinstance(obj, (tuple, list, dict)) and not obj):
+        if self.rows == self.nominal or obj is None or (isinstance(obj, (tuple, list, dict)) and not obj):
             return obj
-        return map_tensors(obj, lambda t: self.extend(t, dim)
-                            if t.dim() > dim and t.shape[dim] == self.nominal else t)
+        if self.appends_rows:
+            return map_tensors(obj, lambda t: self.extend(t, dim)
+                               if t.dim() > dim and t.shape[dim] == self.nominal else t)
+        return obj if dim != 0 else map_tensors(
+            obj, lambda t: self.carried(t) if t.dim() > 0 and t.shape[0] == self.nominal else t)
 
     # --- the run ------------------------------------------------------------------------
     def run(self, forward, x):

@@ -122,7 +122,11 @@ class _SharedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks, weight, bias, batch: int, eps: float):
-        var, mean = _channel_stats(blocks[:, :batch])
+        # statistics in the parameters' precision, as aten's batch norm takes them (under CPU
+        # autocast the rows are bfloat16 and the parameters float32: "mixed dtype" before)
+        samples = blocks[:, :batch]
+        stat_dtype = weight.dtype if weight is not None else torch.promote_types(blocks.dtype, torch.float32)
+        var, mean = _channel_stats(samples if samples.dtype == stat_dtype else samples.to(stat_dtype))
         invstd = torch.rsqrt(var + eps)
         y = torch.nn.functional.batch_norm(blocks.flatten(0, 1), mean, var, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(blocks, weight, mean, var, invstd)

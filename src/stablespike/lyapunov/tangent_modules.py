@@ -32,6 +32,13 @@ def _primal_tangent(s: torch.Tensor):
     return primal, (torch.zeros_like(primal) if tangent is None else tangent)
 
 
+def _qr(y: torch.Tensor):
+    """``torch.linalg.qr`` in float32 at least (it has no half-precision kernels; under
+    autocast it came back in float32 beside a bfloat16 state) and with autocast off."""
+    with torch.autocast(y.device.type, enabled=False):
+        return torch.linalg.qr(y.to(torch.promote_types(y.dtype, torch.float32)))
+
+
 class ModuleTangents(NeuronRun):
     """Pushes ``k`` tangents per sample through ``forward(model, x)``; see the module docstring."""
 
@@ -65,11 +72,11 @@ class ModuleTangents(NeuronRun):
                 raise ValueError(f"k: expected at most the continuous state dimension {n_dims}"
                                  f"{'' if self.joint else ' of every layer'}, got {self.k}")
             g = torch.randn(self.B, n_dims, self.k, generator=self.generator, dtype=torch.float64)
-            q = torch.linalg.qr(g.to(primals[0].device, primals[0].dtype))[0]
+            q = _qr(g.to(primals[0].device, primals[0].dtype))[0]
             self.start[key] = 0
         else:
             y = torch.cat([t.reshape(self.k, self.B, -1) for t in tangents], dim=2).permute(1, 2, 0)
-            q, r = torch.linalg.qr(y)  # y: (B, n, k)
+            q, r = _qr(y)  # y: (B, n, k)
             self._count(key, step, torch.diagonal(r, dim1=-2, dim2=-1))
             self._spikes_follow(neurons, r)
         for (owner, s), p, t in zip(owned, primals, self._columns_to_rows(q, primals)):
@@ -90,8 +97,8 @@ class ModuleTangents(NeuronRun):
                 continue
             p, t = _primal_tangent(n.spikes)
             cols = t.reshape(self.k, self.B, -1).permute(1, 2, 0)  # (B, m, k)
-            solved = torch.linalg.solve_triangular(r, cols, upper=True, left=False)
-            n.optional[id(n.spikes)] = fwAD.make_dual(p, solved.permute(2, 0, 1).reshape(p.shape))
+            solved = torch.linalg.solve_triangular(r, cols.to(r.dtype), upper=True, left=False)
+            n.optional[id(n.spikes)] = fwAD.make_dual(p, solved.permute(2, 0, 1).reshape(p.shape).to(p.dtype))
 
     def _columns_to_rows(self, q: torch.Tensor, primals) -> List[torch.Tensor]:
         """``(B, n, k)`` -> per state tensor a ``(k * B, ...)`` tangent (copy j = column j)."""
@@ -99,7 +106,7 @@ class ModuleTangents(NeuronRun):
         for p in primals:
             size = p[0].numel()
             block = q[:, offset: offset + size, :]
-            out.append(block.permute(2, 0, 1).reshape(p.shape))
+            out.append(block.permute(2, 0, 1).reshape(p.shape).to(p.dtype))
             offset += size
         return out
 
@@ -108,7 +115,7 @@ class ModuleTangents(NeuronRun):
             key = 0 if self.joint else group[0].group
             states = [s for n in group for s in n.state.values()]
             y = torch.cat([_primal_tangent(s)[1].reshape(self.k, self.B, -1) for s in states], 2)
-            r = torch.linalg.qr(y.permute(1, 2, 0))[1]
+            r = _qr(y.permute(1, 2, 0))[1]
             self._count(key, group[0].calls - 2, torch.diagonal(r, dim1=-2, dim2=-1))
 
     def result(self):
