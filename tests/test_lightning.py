@@ -174,6 +174,43 @@ def test_the_estimate_leaves_a_streaming_spikingjelly_nets_state_as_training_had
     assert all(torch.equal(net[i].v, v) for i, v in zip((1, 3), before))
 
 
+class _TwoOptimizers(DigitsSNN):
+    """Manual optimization with two optimizers: global_step moves by 2 per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[1].parameters(), lr=0.01), torch.optim.SGD(self.net[3].parameters(), lr=0.01)]
+
+
+def test_lyapunov_every_counts_optimizer_steps_with_two_optimizers(tmp_path):
+    """Two optimizer steps per batch: every step index the estimate looked at was odd, so
+    lyapunov_every=2 never estimated. Now once per 2 optimizer steps: 4 batches, 4 estimates."""
+    from stablespike.integrations.lightning import DiagnosticsCallback
+    train, _ = loaders(n_train=4 * BATCH)
+
+    def forward(net, x):
+        utils.reset(net)
+        return torch.stack([net(x)[0] for _ in range(T)]).sum(0)
+    callback = DiagnosticsCallback(every=2, module="net", lyapunov_every=2, forward=forward)
+    trainer_for(tmp_path, callback, max_steps=8).fit(_TwoOptimizers(), train)  # 4 batches
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("diagnostics/lyapunov")]
+    assert steps == [1, 3, 5, 7]
+
+
 def test_bad_arguments_are_named():
     from stablespike.integrations.lightning import DiagnosticsCallback
     with pytest.raises(ValueError, match="every"):

@@ -107,7 +107,7 @@ class DiagnosticsCallback(pl.Callback):
         self.epoch_report: Optional[ProfileReport] = None
         self._net: Optional[nn.Module] = None
         self._loss: Optional[float] = None
-        self._lyapunov_step = -1  # the last optimizer step estimated
+        self._lyapunov_step = -1  # the last estimated interval of lyapunov_every optimizer steps
 
     # --- recording only the training batches ------------------------------------------------------
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -127,9 +127,10 @@ class DiagnosticsCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.recorder.pause()
         step = trainer.global_step - 1  # the optimizer step this batch ended with
-        if (self.lyapunov_every and step >= 0 and step % self.lyapunov_every == 0
-                and step != self._lyapunov_step):  # once per step, also when gradients accumulate
-            self._lyapunov_step = step
+        # once per lyapunov_every optimizer steps: also when gradients accumulate (no step for a
+        # few batches) or several optimizers step per batch (global_step moves by more than 1)
+        if self.lyapunov_every and step >= 0 and step // self.lyapunov_every != self._lyapunov_step:
+            self._lyapunov_step = step // self.lyapunov_every
             self._log(trainer, {"diagnostics/lyapunov": self._lyapunov(batch)}, step)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
