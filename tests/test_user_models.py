@@ -1128,6 +1128,79 @@ def test_twins_share_batch_norm_under_cpu_autocast():
     assert torch.allclose(net.bn.running_mean, reference.bn.running_mean, atol=1e-2)
 
 
+def test_a_dropout_on_a_time_flattened_tensor_as_wide_as_the_extended_batch():
+    """Regression guard: in a multi-step model a dropout's input (T (B + K), H) whose H happens
+    to be B + K was read as (T, B + K, ...): masks not a plain call's, and a silent layer's
+    exponent at +4.8 instead of ln 0.5. The time-flattened reading comes first."""
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(8, 8), neuron.LIFNode(tau=2.0, v_threshold=0.5),
+                        layer.SeqToANNContainer(nn.Dropout(0.5), nn.Linear(8, 4)),
+                        neuron.LIFNode(tau=2.0, v_threshold=1e9, store_v_seq=True)).train()
+    functional.set_step_mode(net, "m")
+
+    def forward(net, x):
+        functional.reset_net(net)
+        net(x)
+        return net[3].v_seq
+    reference, x = copy.deepcopy(net), 20 * torch.rand(60, 5, 8, generator=_gen(1))
+    torch.manual_seed(7)
+    want = forward(reference, x)
+    torch.manual_seed(7)
+    res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-3, layers=[1], discard=20,
+                                     fraction=0.6, renorm="per_layer")  # B + K = 5 + 3 = 8 = H
+    assert_outputs_equal(res.outputs, want, atol=1e-6)
+    assert abs(float(res.exponent) - math.log(0.5)) < 0.01
+
+
+def test_a_per_neuron_initial_state_as_long_as_the_batch_is_not_taken_for_samples():
+    """Regression guard: a norse LIFCell given a learned initial membrane (H,) broadcast over
+    the batch, with H == B: tangents (x extended to k B rows) extended it to 2B rows and the
+    forward failed. Below threshold: ln(1 - dt tau_mem_inv) = ln 0.9 for the top exponent."""
+    import norse.torch as norse
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.lif = norse.LIFCell(p=norse.LIFParameters(v_th=torch.tensor(1e9)))
+            self.v0 = nn.Parameter(torch.zeros(6))
+
+        def forward(self, x):  # (T, B, 4)
+            state, out = norse.LIFFeedForwardState(v=self.v0, i=torch.zeros(6)), []
+            for x_t in x:
+                z, state = self.lif(self.fc(x_t), state)
+                out.append(z)
+            return torch.stack(out)
+    torch.manual_seed(0)
+    res = tangent_spectrum(Net(), torch.rand(30, 6, 4, generator=_gen(1)), k=2, generator=_gen(2))
+    assert abs(float(res.exponents[0]) - math.log(0.9)) < 0.01
+
+
+def test_a_model_without_parameters_computes_in_its_inputs_precision():
+    """Regression guard: snnTorch's float32 buffers (beta, threshold) set the 'model dtype' of a
+    parameter-free Leaky driven by a float64 current: the exponent came back float32 and, with
+    twin_dtype, the outputs too, where a plain call is float64 throughout."""
+    import snntorch as snn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lif = snn.Leaky(beta=0.9, threshold=1e9)
+
+        def forward(self, x):
+            mem, out = self.lif.init_leaky(), []
+            for x_t in x:
+                _, mem = self.lif(x_t, mem)
+                out.append(mem)
+            return torch.stack(out)
+    net, x = Net(), torch.rand(40, 4, 5, dtype=torch.float64, generator=_gen(1))
+    for twin_dtype in (None, torch.float64):
+        res = finite_difference_lyapunov(net, x, eps=1e-6, twin_dtype=twin_dtype, generator=_gen(2))
+        assert res.outputs.dtype == res.exponent.dtype == net(x).dtype == torch.float64
+        assert abs(float(res.exponent) - math.log(0.9)) < 1e-6
+
+
 class _CastsItsInput(nn.Module):
     """snnTorch tutorial 5 whose forward casts x to float32 itself (x kept in another dtype)."""
 

@@ -168,8 +168,10 @@ class NeuronRun(abc.ABC):
         if self.appends_rows:
             return map_tensors(obj, lambda t: self.extend(t, dim)
                                if t.dim() > dim and t.shape[dim] == self.nominal else t)
+        # (B, ...) with a feature dimension: a (H,) vector broadcast over the batch (a learned
+        # initial state) is not one, even where H == B
         return obj if dim != 0 else map_tensors(
-            obj, lambda t: self.carried(t) if t.dim() > 0 and t.shape[0] == self.nominal else t)
+            obj, lambda t: self.carried(t) if t.dim() > 1 and t.shape[0] == self.nominal else t)
 
     # --- the run ------------------------------------------------------------------------
     def run(self, forward, x):
@@ -334,8 +336,9 @@ def _check_same_shapes(n: Neuron, before: Dict[str, torch.Tensor], after: Dict[s
             raise ValueError(
                 f"model: the state {name!r} of neuron {n.name!r} ({type(n.module).__name__}) changed "
                 f"shape from {tuple(old.shape)} to {tuple(s.shape)} at call {n.calls + 1}, so the "
-                "framework started it afresh and the twins' perturbation was lost; is this one module "
-                "used for several layers? Give every layer its own neuron module.")
+                "framework started it afresh and the twins' perturbation was lost. Is this one module "
+                "used for several layers (give every layer its own), or run on inputs of different "
+                "sizes within one forward (estimate each size on its own)?")
 
 
 # --- multi-step neurons: one step at a time ---------------------------------------------------

@@ -62,17 +62,17 @@ def _patch(module: nn.Module, name: str, replacement):
 
 
 def _blocks(x: torch.Tensor, rows: TwinRows, time_first: bool = False):
-    """``(m * (B + K), ...) -> (m, B + K, ...)``, or with ``time_first`` a ``(T, B + K, ...)``
+    """``(m * (B + K), ...) -> (m, B + K, ...)``, else with ``time_first`` a ``(T, B + K, ...)``
     as it is; None when ``x`` is not laid out so (or holds the samples only: before the twins'
     rows were appended at the first neuron, a time-flattened ``T * B`` could be a multiple of
-    ``B + K``)."""
+    ``B + K``). A ``(T, B + K, ...)`` whose ``T`` is a multiple of ``B + K`` is read the first way."""
     if x.dim() == 0 or not rows.started:
         return None
+    if x.shape[0] % rows.total == 0:  # first: a flattened (T (B + K), F) may have F == B + K
+        return x.unflatten(0, (x.shape[0] // rows.total, rows.total))
     if time_first and x.dim() > 1 and x.shape[1] == rows.total:
         return x
-    if x.shape[0] % rows.total:
-        return None
-    return x.unflatten(0, (x.shape[0] // rows.total, rows.total))
+    return None
 
 
 def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, rows: TwinRows, x: torch.Tensor) -> torch.Tensor:

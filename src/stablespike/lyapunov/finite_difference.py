@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import math
 import warnings
 import weakref
@@ -211,9 +210,11 @@ def _module_estimate(model, x, forward, batch_dim, output_batch_dim, eps, layers
 
 
 def _model_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The precision a plain call computes in: that of the model's floating parameters (or
-    buffers), else ``x``'s (a forward may cast ``x``: its dtype is not the model's)."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
+    """The precision a plain call computes in: that of the model's floating parameters (a
+    forward may cast ``x``: its dtype is not the model's), else ``x``'s (a model without
+    parameters computes in its input's; snnTorch's float32 buffers beta and threshold do not
+    set it)."""
+    for t in model.parameters():
         if t.is_floating_point():
             return t.dtype
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
