@@ -921,7 +921,12 @@ def test_the_state_left_behind_can_be_detached_in_place_for_truncated_bptt(frame
     res = finite_difference_lyapunov(net, 2 * torch.rand(6, 8, generator=_gen(1)), forward=forward,
                                      batch_dim=0, eps=1e-2)
     (res.outputs.sum() + res.exponent).backward()
+    kept = net[3].mem if framework == "snntorch" else net[3].v
+    assert kept.requires_grad and kept.shape[0] == 6  # the samples' rows, still in the graph
+    before = kept.detach().clone()
     detach(net)
+    kept = net[3].mem if framework == "snntorch" else net[3].v
+    assert not kept.requires_grad and torch.equal(kept, before)  # detached in place, values kept
 
 
 @pytest.mark.parametrize("estimator", ["tangent", "depth"])
