@@ -1206,6 +1206,51 @@ def test_a_model_without_parameters_computes_in_its_inputs_precision():
         assert abs(float(res.exponent) - math.log(0.9)) < 1e-6
 
 
+def _twin_loop_over_all_memories(make, x, eps=1e-6):
+    """A hand-written Benettin loop for one spikingjelly node, perturbing every tensor memory it
+    registers (v and w for Izhikevich), float64: the reference for the adapter's state."""
+    from spikingjelly.activation_based import functional
+    a, b = make().double(), make().double()
+    functional.reset_net(a), functional.reset_net(b)
+    a(x[0]), b(x[0])
+    names = [k for k, v in a._memories.items() if isinstance(v, torch.Tensor)]
+    gen = _gen(5)
+    d = {k: torch.randn(getattr(a, k).shape, generator=gen, dtype=torch.float64) for k in names}
+    logs = []
+    for t in range(x.shape[0]):
+        norm = torch.sqrt(sum(v.pow(2).sum(1) for v in d.values()))
+        for k in names:
+            setattr(b, k, getattr(a, k) + eps * d[k] / norm.unsqueeze(1))
+        if t == x.shape[0] - 1:
+            break
+        a(x[t + 1]), b(x[t + 1])
+        d = {k: getattr(b, k) - getattr(a, k) for k in names}
+        logs.append(torch.log(torch.sqrt(sum(v.pow(2).sum(1) for v in d.values())) / eps))
+    return float(torch.stack(logs).mean()), names
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_an_izhikevich_nodes_adaptation_is_part_of_its_state(step_mode):
+    """spikingjelly's IzhikevichNode keeps an adaptation current w beside v; the adapter read v
+    alone, so w was never perturbed or measured: -0.78 where the dynamics give -0.48 (a loop
+    perturbing v and w), with no warning."""
+    from spikingjelly.activation_based import functional, neuron
+
+    def make():
+        return neuron.IzhikevichNode(a=0.5, tau_w=3., step_mode=step_mode)
+    x = 0.05 * torch.rand(150, 4, 6, dtype=torch.float64, generator=_gen(1))
+    want, names = _twin_loop_over_all_memories(lambda: neuron.IzhikevichNode(a=0.5, tau_w=3.), x)
+    assert names == ["v", "w"]
+    net = nn.Sequential(make()).double()
+
+    def forward(net, x):
+        functional.reset_net(net)
+        return net(x) if step_mode == "m" else torch.stack([net(x_t) for x_t in x])
+    res = finite_difference_lyapunov(net, x, forward=forward, eps=1e-6, generator=_gen(2))
+    assert res.flip_fraction == 0.0
+    assert abs(float(res.exponent) - want) < 0.01
+
+
 class _CastsItsInput(nn.Module):
     """snnTorch tutorial 5 whose forward casts x to float32 itself (x kept in another dtype)."""
 

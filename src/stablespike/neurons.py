@@ -185,7 +185,12 @@ def _spikingjelly_adapter() -> Optional[NeuronAdapter]:
         return 1.0 if isinstance(module, neuron.IFNode) else None  # IF: no leak
 
     def state(module, output):
-        return _tensors([("v", getattr(module, "v", None))])
+        # v, and the node's other memories: Izhikevich's adaptation w, CUBA-LIF's current c,
+        # the resonate-and-fire u (leaving them out measured v's leak alone: -0.78 for -0.48);
+        # not the recorded sequences (v_seq) or an online-learning trace, which no step reads
+        names = ["v"] + [n for n, _ in module.named_memories()
+                         if n != "v" and not n.endswith("_seq") and n != "trace"]
+        return _tensors((n, getattr(module, n, None)) for n in names)
 
     def keep_steps(module):  # multi-step calls then store v_seq (T, B, ...); single-step: no effect
         return _RestoreAttribute(module, "store_v_seq", True) if hasattr(module, "store_v_seq") else None
