@@ -330,6 +330,26 @@ def test_model_without_neurons_names_register_neuron(estimator):
     assert "Linear" in str(info.value)
 
 
+def test_a_framework_cell_its_adapter_declines_is_named():
+    """norse's LIFRefracCell keeps v_th in p.lif, so the norse adapter does not take it for a
+    spiking neuron; the error named the model only ("with neither"), not the cell it passed over."""
+    import norse.torch as norse
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.cell = nn.Linear(6, 6), norse.LIFRefracCell()
+
+        def forward(self, x):
+            state, out = None, []
+            for x_t in x:
+                z, state = self.cell(self.fc(x_t), state)
+                out.append(z)
+            return torch.stack(out)
+    with pytest.raises(ValueError, match=r"cell \(norse LIFRefracCell\).*no firing threshold"):
+        finite_difference_lyapunov(Net(), torch.rand(5, 3, 6))
+
+
 class _UnreadableLIF(nn.Module):
     """A neuron registered with a membrane accessor that finds nothing."""
 

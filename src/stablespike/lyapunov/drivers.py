@@ -26,10 +26,24 @@ def require_stepper(model) -> None:
         return
     frameworks = [a.framework for a in DEFAULT_REGISTRY.adapters()]
     looked_for = ("neurons of " + ", ".join(frameworks)) if frameworks else "registered neuron types"
+    passed = _passed_over(model)
+    found = (f"; it has {', '.join(passed)}, of a framework stablespike reads, but with no firing "
+             "threshold where the adapter looks (a leaky integrator, or a cell that keeps it "
+             "elsewhere, such as norse's LIFRefracCell in p.lif)") if passed else ""
     raise ValueError(
         f"model: expected an nn.Module containing spiking neurons or a stepper with init_state() "
         f"and step(), got {type(model).__name__} with neither; stablespike looks for "
-        f"{looked_for} (register other neuron types with stablespike.register_neuron)")
+        f"{looked_for}{found} (register other neuron types with stablespike.register_neuron)")
+
+
+def _passed_over(model) -> list:
+    """``'name (framework Type)'`` for the modules of a known framework's neuron classes that
+    its adapter declined (``accepts`` false)."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [f"{name or 'the model'} ({adapter.framework} {type(module).__name__})"
+            for name, module in model.named_modules() for adapter in DEFAULT_REGISTRY.adapters()
+            if isinstance(module, adapter.types) and not adapter.accepts(module)]
 
 
 def check_batch_dim(x, batch_dim) -> int:
