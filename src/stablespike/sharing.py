@@ -11,8 +11,8 @@ While a Lyapunov estimate runs a model on a batch of ``B`` samples followed by `
 
 Rows are recognized by count: a tensor whose first dimension is ``m * (B + K)`` is read as ``m``
 blocks of ``B + K`` rows (``m = T`` for a time-flattened multi-step batch); in a model with
-multi-step neurons (``time_first``), a dropout's input whose second dimension is ``B + K`` is read
-as ``(T, B + K, ...)`` first. Dropout applied through ``torch.nn.functional`` inside a forward is
+multi-step neurons (``time_first``), a dropout's input whose first dimension is not a multiple of
+``B + K`` but whose second is ``B + K`` is read as ``(T, B + K, ...)``. Dropout applied through ``torch.nn.functional`` inside a forward is
 not seen and would differ between twins.
 """
 from __future__ import annotations
